@@ -1,0 +1,9 @@
+# Shared environment of the project's scripts (sourced, not run).
+# Everything downloaded or built lives under $MLXSERVER_CACHE (default ~/.cache/mlxserver)
+# so later runs on the same machine are warm; nothing depends on it being there.
+export MLXSERVER_CACHE="${MLXSERVER_CACHE:-$HOME/.cache/mlxserver}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$MLXSERVER_CACHE/target}"
+export MLX_PREFIX="${MLX_PREFIX:-$MLXSERVER_CACHE/mlx-cpu/mlx}"
+export MLXSERVER_TEST_MODELS="${MLXSERVER_TEST_MODELS:-$MLXSERVER_CACHE/models}"
+if [ -f "$HOME/.cargo/env" ]; then . "$HOME/.cargo/env"; fi
+MLXSERVER_BIN="$CARGO_TARGET_DIR/debug/mlxserver"

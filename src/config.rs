@@ -1,0 +1,822 @@
+//! Configuration: defaults, the TOML file under the home folder, environment variables and
+//! CLI flags, in that order of precedence (later wins).
+//!
+//! The home folder is `~/.my_mlx_server` (movable with `MLXSERVER_HOME`). It holds
+//! `config.toml`, the server's pid and log files, the chat history and, by default, the model
+//! store and the RAG tables. A legacy `config.json` written by the original Python mlxserver
+//! is read and migrated to TOML when no TOML file exists yet.
+
+use std::fmt;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::i18n::{Lang, Msg};
+use crate::msg;
+
+pub const DEFAULT_PORT: u16 = 27000;
+pub const DEFAULT_HOST: &str = "127.0.0.1";
+pub const CONFIG_FILE: &str = "config.toml";
+pub const LEGACY_CONFIG_FILE: &str = "config.json";
+
+#[derive(Debug, thiserror::Error)]
+#[error("{}", self.msg())]
+pub enum ConfigError {
+    Read { path: PathBuf, source: std::io::Error },
+    Parse { path: PathBuf, detail: String },
+    Write { path: PathBuf, source: std::io::Error },
+    InvalidValue { key: String, value: String, expected: &'static str },
+    UnknownKey { key: String },
+    NoHome,
+}
+
+impl ConfigError {
+    pub fn msg(&self) -> Msg {
+        match self {
+            ConfigError::Read { path, source } => {
+                msg!("config.error.read", path = path.display(), reason = source)
+            }
+            ConfigError::Parse { path, detail } => {
+                msg!("config.error.parse", path = path.display(), reason = detail)
+            }
+            ConfigError::Write { path, source } => {
+                msg!("config.error.write", path = path.display(), reason = source)
+            }
+            ConfigError::InvalidValue { key, value, expected } => {
+                msg!("config.error.invalid_value", key = key, value = value, expected = expected)
+            }
+            ConfigError::UnknownKey { key } => msg!("config.error.unknown_key", key = key),
+            ConfigError::NoHome => msg!("config.error.no_home"),
+        }
+    }
+}
+
+/// How long a model stays loaded after its last request (Ollama's `keep_alive`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeepAlive {
+    /// Unload as soon as the model is idle.
+    Immediately,
+    For(Duration),
+    Forever,
+}
+
+impl KeepAlive {
+    /// Parses Ollama's forms: a duration string ("5m", "1h30m", "10s"), a number of seconds,
+    /// "0" (unload right away) or a negative value (keep forever).
+    pub fn parse(value: &str) -> Option<KeepAlive> {
+        let value = value.trim();
+        if let Ok(seconds) = value.parse::<f64>() {
+            return Some(KeepAlive::from_seconds(seconds));
+        }
+        if value.starts_with('-') {
+            return humantime::parse_duration(&value[1..]).ok().map(|_| KeepAlive::Forever);
+        }
+        match humantime::parse_duration(value) {
+            Ok(duration) if duration.is_zero() => Some(KeepAlive::Immediately),
+            Ok(duration) => Some(KeepAlive::For(duration)),
+            Err(_) => None,
+        }
+    }
+
+    pub fn from_seconds(seconds: f64) -> KeepAlive {
+        if seconds < 0.0 {
+            KeepAlive::Forever
+        } else if seconds == 0.0 {
+            KeepAlive::Immediately
+        } else {
+            KeepAlive::For(Duration::from_secs_f64(seconds))
+        }
+    }
+}
+
+impl fmt::Display for KeepAlive {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeepAlive::Immediately => f.write_str("0"),
+            KeepAlive::For(duration) => write!(f, "{}", humantime::format_duration(*duration)),
+            KeepAlive::Forever => f.write_str("-1"),
+        }
+    }
+}
+
+/// Parses "8GiB", "512MB", "1.5G", "1048576" into bytes (binary units for K/M/G/T).
+pub fn parse_bytes(value: &str) -> Option<u64> {
+    let value = value.trim();
+    let split = value
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '_'))
+        .unwrap_or(value.len());
+    let (number, unit) = value.split_at(split);
+    let number: f64 = number.replace('_', "").parse().ok()?;
+    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => return None,
+    };
+    if number < 0.0 || !number.is_finite() {
+        return None;
+    }
+    Some((number * multiplier as f64) as u64)
+}
+
+/// Formats bytes the way people read them ("1.5 GiB").
+pub fn format_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// A cap on the bytes of loaded models.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryLimit {
+    /// Three quarters of the machine's physical memory.
+    Auto,
+    Bytes(u64),
+}
+
+impl MemoryLimit {
+    pub fn parse(value: &str) -> Option<MemoryLimit> {
+        if value.trim().eq_ignore_ascii_case("auto") {
+            Some(MemoryLimit::Auto)
+        } else {
+            parse_bytes(value).map(MemoryLimit::Bytes)
+        }
+    }
+
+    pub fn bytes(self) -> u64 {
+        match self {
+            MemoryLimit::Bytes(bytes) => bytes,
+            MemoryLimit::Auto => physical_memory().map(|total| total / 4 * 3).unwrap_or(8 << 30),
+        }
+    }
+}
+
+impl fmt::Display for MemoryLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MemoryLimit::Auto => f.write_str("auto"),
+            MemoryLimit::Bytes(bytes) => write!(f, "{}", format_bytes(*bytes).replace(' ', "")),
+        }
+    }
+}
+
+/// Total physical memory in bytes, where the platform tells.
+pub fn physical_memory() -> Option<u64> {
+    // SAFETY: sysconf has no preconditions; a negative answer means "unknown".
+    let (pages, page_size) =
+        unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+    (pages > 0 && page_size > 0).then(|| pages as u64 * page_size as u64)
+}
+
+/// How weights are held when MLX runs on the CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CpuDtype {
+    /// Dequantize to f32 at load time: MLX's CPU kernels for quantized and f16 matmuls are
+    /// far slower than f32 with OpenBLAS on x86.
+    #[default]
+    Float32,
+    Float16,
+    Bfloat16,
+    /// Keep quantized weights quantized (less memory, slower on CPU).
+    Quantized,
+}
+
+impl FromStr for CpuDtype {
+    type Err = ();
+    fn from_str(value: &str) -> Result<Self, ()> {
+        match value.trim().to_ascii_lowercase().as_str() {
+            "float32" | "f32" => Ok(CpuDtype::Float32),
+            "float16" | "f16" => Ok(CpuDtype::Float16),
+            "bfloat16" | "bf16" => Ok(CpuDtype::Bfloat16),
+            "quantized" | "keep" => Ok(CpuDtype::Quantized),
+            _ => Err(()),
+        }
+    }
+}
+
+impl fmt::Display for CpuDtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CpuDtype::Float32 => "float32",
+            CpuDtype::Float16 => "float16",
+            CpuDtype::Bfloat16 => "bfloat16",
+            CpuDtype::Quantized => "quantized",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineConfig {
+    pub cpu_dtype: CpuDtype,
+    /// Prompt tokens processed per forward pass during prefill.
+    pub prefill_chunk: usize,
+    /// Sequences decoded together in one batched step.
+    pub max_batch: usize,
+    /// Bytes of key/value caches kept for reuse by prompts with a shared prefix (0: off).
+    pub prefix_cache_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RagConfig {
+    /// A LanceDB URI: a local folder (default under the home) or object storage.
+    pub uri: String,
+    pub default_embedding_model: Option<String>,
+    pub top_k: usize,
+    pub min_score: f32,
+}
+
+/// The effective configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub home: PathBuf,
+    pub language: Lang,
+    pub models_dir: PathBuf,
+    pub host: String,
+    pub port: u16,
+    pub api_key: Option<String>,
+    pub keep_alive: KeepAlive,
+    pub max_loaded_models: usize,
+    pub memory_limit: MemoryLimit,
+    pub max_queue: usize,
+    pub cors_origins: Vec<String>,
+    pub max_body_bytes: u64,
+    pub request_timeout: Duration,
+    pub shutdown_timeout: Duration,
+    /// Serve Prometheus metrics at /metrics (behind the API key when one is set).
+    pub metrics: bool,
+    pub engine: EngineConfig,
+    pub rag: RagConfig,
+}
+
+impl Config {
+    pub fn defaults(home: &Path) -> Config {
+        Config {
+            home: home.to_path_buf(),
+            language: Lang::En,
+            models_dir: home.join("models"),
+            host: DEFAULT_HOST.to_string(),
+            port: DEFAULT_PORT,
+            api_key: None,
+            keep_alive: KeepAlive::For(Duration::from_secs(300)),
+            max_loaded_models: 3,
+            memory_limit: MemoryLimit::Auto,
+            max_queue: 64,
+            cors_origins: Vec::new(),
+            max_body_bytes: 32 << 20,
+            request_timeout: Duration::from_secs(600),
+            shutdown_timeout: Duration::from_secs(30),
+            metrics: false,
+            engine: EngineConfig { cpu_dtype: CpuDtype::Float32, prefill_chunk: 512, max_batch: 16, prefix_cache_bytes: 1 << 30 },
+            rag: RagConfig {
+                uri: home.join("rag").to_string_lossy().into_owned(),
+                default_embedding_model: None,
+                top_k: 4,
+                min_score: 0.0,
+            },
+        }
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.home.join(CONFIG_FILE)
+    }
+
+    pub fn pid_path(&self) -> PathBuf {
+        self.home.join("server.pid")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.home.join("server.log")
+    }
+
+    /// The base URL a client on this machine uses to reach the configured server.
+    pub fn server_url(&self) -> String {
+        let host = match self.host.as_str() {
+            "0.0.0.0" | "" => "127.0.0.1",
+            "::" => "[::1]",
+            host if host.contains(':') && !host.starts_with('[') => return format!("http://[{host}]:{}", self.port),
+            host => host,
+        };
+        format!("http://{host}:{}", self.port)
+    }
+
+    /// Applies one `key = value` setting, validating it. Keys are the TOML names, with
+    /// dotted names for tables (`rag.uri`, `engine.cpu_dtype`).
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), ConfigError> {
+        let invalid = |expected: &'static str| ConfigError::InvalidValue {
+            key: key.to_string(),
+            value: value.to_string(),
+            expected,
+        };
+        match key {
+            "language" => self.language = value.parse().map_err(|_| invalid("en | ja"))?,
+            "models_dir" => self.models_dir = expand_home(value),
+            "host" => {
+                if value.trim().is_empty() {
+                    return Err(invalid("a host name or IP address"));
+                }
+                self.host = value.trim().to_string()
+            }
+            "port" => {
+                self.port = value
+                    .trim()
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|port| *port > 0)
+                    .ok_or_else(|| invalid("a port number from 1 to 65535"))?
+            }
+            "api_key" => {
+                let value = value.trim();
+                self.api_key = (!value.is_empty()).then(|| value.to_string())
+            }
+            "keep_alive" => {
+                self.keep_alive =
+                    KeepAlive::parse(value).ok_or_else(|| invalid("a duration such as 5m, 30s or -1"))?
+            }
+            "max_loaded_models" => {
+                self.max_loaded_models = value
+                    .trim()
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|count| *count > 0)
+                    .ok_or_else(|| invalid("a positive whole number"))?
+            }
+            "memory_limit" => {
+                self.memory_limit =
+                    MemoryLimit::parse(value).ok_or_else(|| invalid("bytes such as 8GiB, or auto"))?
+            }
+            "max_queue" => {
+                self.max_queue =
+                    value.trim().parse().map_err(|_| invalid("a whole number"))?
+            }
+            "cors_origins" => {
+                self.cors_origins = value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|origin| !origin.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            }
+            "max_body_size" => {
+                self.max_body_bytes =
+                    parse_bytes(value).filter(|b| *b > 0).ok_or_else(|| invalid("bytes such as 32MiB"))?
+            }
+            "request_timeout" => {
+                self.request_timeout =
+                    parse_duration(value).ok_or_else(|| invalid("a duration such as 10m"))?
+            }
+            "shutdown_timeout" => {
+                self.shutdown_timeout =
+                    parse_duration(value).ok_or_else(|| invalid("a duration such as 30s"))?
+            }
+            "metrics" => {
+                self.metrics = match value.trim().to_ascii_lowercase().as_str() {
+                    "true" | "on" | "yes" | "1" => true,
+                    "false" | "off" | "no" | "0" => false,
+                    _ => return Err(invalid("true or false")),
+                }
+            }
+            "engine.cpu_dtype" => {
+                self.engine.cpu_dtype =
+                    value.parse().map_err(|_| invalid("float32 | float16 | bfloat16 | quantized"))?
+            }
+            "engine.prefill_chunk" => {
+                self.engine.prefill_chunk = value
+                    .trim()
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| *n >= 16)
+                    .ok_or_else(|| invalid("a whole number of at least 16"))?
+            }
+            "engine.max_batch" => {
+                self.engine.max_batch = value
+                    .trim()
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| invalid("a positive whole number"))?
+            }
+            "engine.prefix_cache" => {
+                self.engine.prefix_cache_bytes = parse_bytes(value).ok_or_else(|| invalid("bytes such as 1GiB, or 0 to turn it off"))?
+            }
+            "rag.uri" => {
+                let value = value.trim();
+                if value.is_empty() {
+                    return Err(invalid("a folder or a LanceDB URI"));
+                }
+                self.rag.uri = if value.contains("://") {
+                    value.to_string()
+                } else {
+                    expand_home(value).to_string_lossy().into_owned()
+                }
+            }
+            "rag.default_embedding_model" => {
+                let value = value.trim();
+                self.rag.default_embedding_model = (!value.is_empty()).then(|| value.to_string())
+            }
+            "rag.top_k" => {
+                self.rag.top_k = value
+                    .trim()
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|k| (1..=100).contains(k))
+                    .ok_or_else(|| invalid("a whole number from 1 to 100"))?
+            }
+            "rag.min_score" => {
+                self.rag.min_score = value
+                    .trim()
+                    .parse::<f32>()
+                    .ok()
+                    .filter(|s| s.is_finite())
+                    .ok_or_else(|| invalid("a number such as 0.3"))?
+            }
+            _ => return Err(ConfigError::UnknownKey { key: key.to_string() }),
+        }
+        Ok(())
+    }
+
+    /// The value of one key as `config set` takes it.
+    pub fn get(&self, key: &str) -> Option<String> {
+        Some(match key {
+            "language" => self.language.to_string(),
+            "models_dir" => self.models_dir.display().to_string(),
+            "host" => self.host.clone(),
+            "port" => self.port.to_string(),
+            "api_key" => self.api_key.clone().unwrap_or_default(),
+            "keep_alive" => self.keep_alive.to_string(),
+            "max_loaded_models" => self.max_loaded_models.to_string(),
+            "memory_limit" => self.memory_limit.to_string(),
+            "max_queue" => self.max_queue.to_string(),
+            "cors_origins" => self.cors_origins.join(","),
+            "max_body_size" => format_bytes(self.max_body_bytes).replace(' ', ""),
+            "request_timeout" => humantime::format_duration(self.request_timeout).to_string(),
+            "shutdown_timeout" => humantime::format_duration(self.shutdown_timeout).to_string(),
+            "metrics" => self.metrics.to_string(),
+            "engine.cpu_dtype" => self.engine.cpu_dtype.to_string(),
+            "engine.prefill_chunk" => self.engine.prefill_chunk.to_string(),
+            "engine.max_batch" => self.engine.max_batch.to_string(),
+            "engine.prefix_cache" => format_bytes(self.engine.prefix_cache_bytes).replace(' ', ""),
+            "rag.uri" => self.rag.uri.clone(),
+            "rag.default_embedding_model" => {
+                self.rag.default_embedding_model.clone().unwrap_or_default()
+            }
+            "rag.top_k" => self.rag.top_k.to_string(),
+            "rag.min_score" => self.rag.min_score.to_string(),
+            _ => return None,
+        })
+    }
+
+    /// Every key `config set` accepts, in file order.
+    pub const KEYS: &'static [&'static str] = &[
+        "language",
+        "models_dir",
+        "host",
+        "port",
+        "api_key",
+        "keep_alive",
+        "max_loaded_models",
+        "memory_limit",
+        "max_queue",
+        "cors_origins",
+        "max_body_size",
+        "request_timeout",
+        "shutdown_timeout",
+        "metrics",
+        "engine.cpu_dtype",
+        "engine.prefill_chunk",
+        "engine.max_batch",
+        "engine.prefix_cache",
+        "rag.uri",
+        "rag.default_embedding_model",
+        "rag.top_k",
+        "rag.min_score",
+    ];
+
+    /// The TOML document for this configuration (what `config setup` writes).
+    pub fn to_toml(&self) -> String {
+        let mut root = toml::Table::new();
+        let mut engine = toml::Table::new();
+        let mut rag = toml::Table::new();
+        for key in Self::KEYS {
+            let Some(value) = self.get(key) else { continue };
+            if value.is_empty() {
+                continue;
+            }
+            let value = typed_toml_value(key, &value);
+            match key.split_once('.') {
+                Some(("engine", name)) => engine.insert(name.to_string(), value),
+                Some(("rag", name)) => rag.insert(name.to_string(), value),
+                _ => root.insert(key.to_string(), value),
+            };
+        }
+        root.insert("engine".into(), toml::Value::Table(engine));
+        root.insert("rag".into(), toml::Value::Table(rag));
+        let body = toml::to_string_pretty(&root).unwrap_or_default();
+        format!("# mlxserver configuration. Every key is documented in config.example.toml.\n\n{body}")
+    }
+}
+
+fn typed_toml_value(key: &str, value: &str) -> toml::Value {
+    match key {
+        "port" | "max_loaded_models" | "max_queue" | "engine.prefill_chunk" | "engine.max_batch"
+        | "rag.top_k" => value.parse::<i64>().map(toml::Value::Integer).unwrap_or_else(|_| value.into()),
+        "rag.min_score" => value.parse::<f64>().map(toml::Value::Float).unwrap_or_else(|_| value.into()),
+        "metrics" => value.parse::<bool>().map(toml::Value::Boolean).unwrap_or_else(|_| value.into()),
+        "cors_origins" => toml::Value::Array(
+            value.split(',').filter(|s| !s.is_empty()).map(|s| toml::Value::String(s.to_string())).collect(),
+        ),
+        _ => toml::Value::String(value.to_string()),
+    }
+}
+
+fn parse_duration(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    value
+        .parse::<u64>()
+        .ok()
+        .map(Duration::from_secs)
+        .or_else(|| humantime::parse_duration(value).ok())
+}
+
+/// Expands a leading `~` to the user's home folder.
+pub fn expand_home(value: &str) -> PathBuf {
+    let value = value.trim();
+    if let Some(rest) = value.strip_prefix("~/") {
+        if let Some(home) = dirs::home_dir() {
+            return home.join(rest);
+        }
+    } else if value == "~" {
+        if let Some(home) = dirs::home_dir() {
+            return home;
+        }
+    }
+    PathBuf::from(value)
+}
+
+/// The home folder: `MLXSERVER_HOME`, else `~/.my_mlx_server`.
+pub fn home_dir() -> Result<PathBuf, ConfigError> {
+    if let Some(home) = std::env::var_os("MLXSERVER_HOME").filter(|value| !value.is_empty()) {
+        return Ok(expand_home(&home.to_string_lossy()));
+    }
+    dirs::home_dir().map(|home| home.join(".my_mlx_server")).ok_or(ConfigError::NoHome)
+}
+
+/// Flattens a TOML table into `(dotted key, value as text)` pairs.
+fn flatten(table: &toml::Table, prefix: &str, out: &mut Vec<(String, String)>) {
+    for (key, value) in table {
+        let name = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+        match value {
+            toml::Value::Table(inner) => flatten(inner, &name, out),
+            toml::Value::String(text) => out.push((name, text.clone())),
+            toml::Value::Array(items) => out.push((
+                name,
+                items
+                    .iter()
+                    .map(|item| item.as_str().map(str::to_string).unwrap_or_else(|| item.to_string()))
+                    .collect::<Vec<_>>()
+                    .join(","),
+            )),
+            other => out.push((name, other.to_string())),
+        }
+    }
+}
+
+/// Applies a TOML document over `config`.
+fn apply_toml(config: &mut Config, source: &str, path: &Path) -> Result<(), ConfigError> {
+    let table: toml::Table = toml::from_str(source)
+        .map_err(|error| ConfigError::Parse { path: path.to_path_buf(), detail: error.message().to_string() })?;
+    let mut pairs = Vec::new();
+    flatten(&table, "", &mut pairs);
+    for (key, value) in pairs {
+        config.set(&key, &value)?;
+    }
+    Ok(())
+}
+
+/// Keys of the original Python mlxserver's `config.json` and their TOML names.
+fn apply_legacy_json(config: &mut Config, source: &str, path: &Path) -> Result<(), ConfigError> {
+    let value: serde_json::Value = serde_json::from_str(source)
+        .map_err(|error| ConfigError::Parse { path: path.to_path_buf(), detail: error.to_string() })?;
+    let Some(object) = value.as_object() else {
+        return Err(ConfigError::Parse { path: path.to_path_buf(), detail: "not a JSON object".into() });
+    };
+    for (key, value) in object {
+        let text = match value {
+            serde_json::Value::Null => continue,
+            serde_json::Value::String(text) => text.clone(),
+            other => other.to_string(),
+        };
+        let target = match key.as_str() {
+            "model_ttl" => "keep_alive",
+            "language" | "models_dir" | "host" | "port" | "api_key" | "max_loaded_models" => key.as_str(),
+            // The Python server's other keys have no counterpart here.
+            _ => continue,
+        };
+        config.set(target, &text)?;
+    }
+    Ok(())
+}
+
+/// Environment variables that override the file (`MLXSERVER_<KEY>`, dots as underscores).
+pub fn env_overrides() -> Vec<(&'static str, String)> {
+    Config::KEYS
+        .iter()
+        .filter_map(|key| {
+            let name = format!("MLXSERVER_{}", key.replace('.', "_").to_ascii_uppercase());
+            std::env::var(&name).ok().map(|value| (*key, value))
+        })
+        .collect()
+}
+
+/// What happened while loading.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct LoadReport {
+    /// A legacy config.json was migrated into config.toml.
+    pub migrated_from: Option<PathBuf>,
+}
+
+/// Loads the configuration of `home`: defaults, then the file, then the environment.
+/// A legacy `config.json` is migrated to `config.toml` when no TOML file exists.
+pub fn load_from(home: &Path) -> Result<(Config, LoadReport), ConfigError> {
+    let mut config = Config::defaults(home);
+    let mut report = LoadReport::default();
+    let path = home.join(CONFIG_FILE);
+    let legacy = home.join(LEGACY_CONFIG_FILE);
+    if path.exists() {
+        let source = fs::read_to_string(&path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+        apply_toml(&mut config, &source, &path)?;
+    } else if legacy.exists() {
+        let source =
+            fs::read_to_string(&legacy).map_err(|source| ConfigError::Read { path: legacy.clone(), source })?;
+        apply_legacy_json(&mut config, &source, &legacy)?;
+        write_atomic(&path, config.to_toml().as_bytes())
+            .map_err(|source| ConfigError::Write { path: path.clone(), source })?;
+        report.migrated_from = Some(legacy);
+    }
+    for (key, value) in env_overrides() {
+        config.set(key, &value)?;
+    }
+    Ok((config, report))
+}
+
+pub fn load() -> Result<(Config, LoadReport), ConfigError> {
+    load_from(&home_dir()?)
+}
+
+/// The configured language, read without migrating or writing anything (the CLI needs it
+/// before it parses its arguments).
+pub fn peek_language(home: &Path) -> Option<Lang> {
+    if let Ok(text) = fs::read_to_string(home.join(CONFIG_FILE)) {
+        let table: toml::Table = toml::from_str(&text).ok()?;
+        return table.get("language")?.as_str()?.parse().ok();
+    }
+    let text = fs::read_to_string(home.join(LEGACY_CONFIG_FILE)).ok()?;
+    let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+    json["language"].as_str()?.parse().ok()
+}
+
+/// Sets one key in the config file of `home`, keeping the file's other settings and comments
+/// of untouched tables, after checking that the whole file still loads.
+pub fn set_in_file(home: &Path, key: &str, value: &str) -> Result<Config, ConfigError> {
+    let path = home.join(CONFIG_FILE);
+    // Validate the value on its own first, so the error names it.
+    let mut probe = Config::defaults(home);
+    probe.set(key, value)?;
+    let existing = if path.exists() {
+        fs::read_to_string(&path).map_err(|source| ConfigError::Read { path: path.clone(), source })?
+    } else {
+        String::new()
+    };
+    let mut table: toml::Table = toml::from_str(&existing)
+        .map_err(|error| ConfigError::Parse { path: path.clone(), detail: error.message().to_string() })?;
+    let canonical = probe.get(key).unwrap_or_default();
+    let (section, name) = match key.split_once('.') {
+        Some((section, name)) => (Some(section), name),
+        None => (None, key),
+    };
+    let target = match section {
+        Some(section) => table
+            .entry(section.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| ConfigError::Parse { path: path.clone(), detail: format!("{section} is not a table") })?,
+        None => &mut table,
+    };
+    if canonical.is_empty() {
+        target.remove(name);
+    } else {
+        target.insert(name.to_string(), typed_toml_value(key, &canonical));
+    }
+    let text = toml::to_string_pretty(&table).unwrap_or_default();
+    let mut config = Config::defaults(home);
+    apply_toml(&mut config, &text, &path)?;
+    write_atomic(&path, text.as_bytes()).map_err(|source| ConfigError::Write { path: path.clone(), source })?;
+    Ok(config)
+}
+
+/// Writes a whole configuration to the file of its home.
+pub fn save(config: &Config) -> Result<(), ConfigError> {
+    let path = config.config_path();
+    write_atomic(&path, config.to_toml().as_bytes()).map_err(|source| ConfigError::Write { path, source })
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so a
+/// reader never sees a half-written file and a crash leaves the old one intact.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    fs::create_dir_all(parent)?;
+    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let temp = parent.join(format!(".{file_name}.{}.tmp", std::process::id()));
+    let result = (|| {
+        let mut file = fs::File::create(&temp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        fs::rename(&temp, path)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&temp);
+    }
+    result
+}
+
+/// The API key with all but its last four characters hidden.
+pub fn mask_secret(secret: &str) -> String {
+    let count = secret.chars().count();
+    if count <= 4 {
+        "*".repeat(count)
+    } else {
+        let visible: String = secret.chars().skip(count - 4).collect();
+        format!("{}{}", "*".repeat(count - 4), visible)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keep_alive_forms() {
+        assert_eq!(KeepAlive::parse("5m"), Some(KeepAlive::For(Duration::from_secs(300))));
+        assert_eq!(KeepAlive::parse("0"), Some(KeepAlive::Immediately));
+        assert_eq!(KeepAlive::parse("-1"), Some(KeepAlive::Forever));
+        assert_eq!(KeepAlive::parse("-5m"), Some(KeepAlive::Forever));
+        assert_eq!(KeepAlive::parse("30"), Some(KeepAlive::For(Duration::from_secs(30))));
+        assert_eq!(KeepAlive::parse("0s"), Some(KeepAlive::Immediately));
+        assert_eq!(KeepAlive::parse("soon"), None);
+    }
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(parse_bytes("8GiB"), Some(8 << 30));
+        assert_eq!(parse_bytes("512MB"), Some(512 << 20));
+        assert_eq!(parse_bytes("1.5G"), Some(3 << 29));
+        assert_eq!(parse_bytes("1024"), Some(1024));
+        assert_eq!(parse_bytes("12 parsecs"), None);
+        assert_eq!(parse_bytes("-3GB"), None);
+        assert_eq!(format_bytes(1536), "1.5 KiB");
+    }
+
+    #[test]
+    fn masks_all_but_last_four() {
+        assert_eq!(mask_secret("sk-secret-1234"), "**********1234");
+        assert_eq!(mask_secret("abc"), "***");
+    }
+
+    #[test]
+    fn set_validates() {
+        let mut config = Config::defaults(Path::new("/tmp/x"));
+        assert!(config.set("port", "70000").is_err());
+        assert!(config.set("port", "0").is_err());
+        assert!(config.set("language", "fr").is_err());
+        assert!(matches!(config.set("nope", "1"), Err(ConfigError::UnknownKey { .. })));
+        config.set("port", "8080").unwrap();
+        assert_eq!(config.port, 8080);
+    }
+
+    #[test]
+    fn toml_round_trip() {
+        let mut config = Config::defaults(Path::new("/tmp/home"));
+        config.set("api_key", "k").unwrap();
+        config.set("rag.top_k", "7").unwrap();
+        config.set("cors_origins", "http://a,http://b").unwrap();
+        let text = config.to_toml();
+        let mut again = Config::defaults(Path::new("/tmp/home"));
+        apply_toml(&mut again, &text, Path::new("x")).unwrap();
+        assert_eq!(config, again);
+    }
+}

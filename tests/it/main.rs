@@ -1,0 +1,13 @@
+//! Integration tests, in one binary so the large dependency tree is linked once.
+//! They run the real `mlxserver` binary and the real HTTP server on 127.0.0.1:0.
+
+mod common;
+mod config_cli;
+mod engine_reference;
+mod hub;
+mod i18n_catalogs;
+mod rag;
+mod server_shell;
+mod terminal_chat;
+mod serving;
+mod wizard;
