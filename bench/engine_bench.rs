@@ -1,0 +1,101 @@
+//! Engine throughput on one model: prompt processing (tok/s) over a prompt of N tokens and
+//! decode (tok/s) over M greedy tokens, best of R runs. Run by bench/run.sh beside mlx-lm and
+//! llama.cpp; prints one JSON line.
+//!
+//! usage: engine_bench MODEL_PATH [--prompt-tokens 512] [--decode-tokens 128] [--runs 3]
+//!        [--batch 1] [--cpu-dtype float32]
+//!        engine_bench GGUF_PATH --write-dense OUT_DIR   (f32 safetensors folder for other engines)
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use mlxserver::config::EngineConfig;
+use mlxserver::engine::{Engine, EngineEvent, GenerateRequest, SamplingParams};
+
+fn arg(args: &[String], name: &str, default: usize) -> usize {
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let Some(model) = args.get(1).map(PathBuf::from) else {
+        eprintln!("usage: engine_bench MODEL_PATH [--prompt-tokens N] [--decode-tokens M] [--runs R] [--batch B]");
+        std::process::exit(2);
+    };
+    let prompt_tokens = arg(&args, "--prompt-tokens", 512);
+    let decode_tokens = arg(&args, "--decode-tokens", 128);
+    let runs = arg(&args, "--runs", 3);
+    let batch = arg(&args, "--batch", 1);
+    let cpu_dtype = args
+        .iter()
+        .position(|a| a == "--cpu-dtype")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_default();
+    if let Some(out) = args.iter().position(|a| a == "--write-dense").and_then(|i| args.get(i + 1)) {
+        // The same weights as f32 Hugging Face safetensors, for engines that cannot read GGUF.
+        let report = mlxserver::engine::convert::gguf_to_folder(&model, std::path::Path::new(out), mlxserver::engine::convert::WeightFormat::Dense(mlx_rs::Dtype::Float32))
+            .expect("convert");
+        eprintln!("wrote {} tensors ({} bytes) to {out}", report.tensors, report.weight_bytes);
+        return;
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let engine = Engine::start(EngineConfig { cpu_dtype, prefill_chunk: 512, max_batch: batch.max(1), prefix_cache_bytes: 0 });
+    let started = Instant::now();
+    let info = runtime.block_on(engine.load(1, &model)).expect("load");
+    let load_seconds = started.elapsed().as_secs_f64();
+    // A deterministic prompt of ordinary token ids (no EOS) so every engine reads the same.
+    let prompt: Vec<u32> = (0..prompt_tokens).map(|i| 1000 + (i as u32 * 7919) % 20000).collect();
+    let (mut best_prefill, mut best_decode) = (0.0f64, 0.0f64);
+    for _ in 0..runs {
+        let (prefill, decode) = runtime.block_on(async {
+            let mut streams = Vec::new();
+            for _ in 0..batch {
+                let request = GenerateRequest {
+                    prompt_tokens: prompt.clone(),
+                    sampling: SamplingParams::greedy(),
+                    max_tokens: Some(decode_tokens),
+                    context_length: None,
+                    stop: vec![],
+                    logprobs: None,
+                };
+                streams.push(engine.generate(1, request).expect("generate"));
+            }
+            let (mut prefill_rate, mut tokens, mut decode_time) = (0.0, 0usize, 0.0f64);
+            for mut stream in streams {
+                while let Some(event) = stream.recv().await {
+                    match event {
+                        EngineEvent::Done(done) => {
+                            prefill_rate += done.prompt_tokens as f64 / done.prompt_eval.as_secs_f64();
+                            // The first token comes from the prompt pass; the rest are decode steps.
+                            tokens += done.completion_tokens.saturating_sub(1);
+                            decode_time = decode_time.max(done.eval.as_secs_f64());
+                            break;
+                        }
+                        EngineEvent::Error(error) => panic!("{error}"),
+                        EngineEvent::Token { .. } => {}
+                    }
+                }
+            }
+            (prefill_rate / batch as f64, tokens as f64 / decode_time)
+        });
+        best_prefill = best_prefill.max(prefill);
+        best_decode = best_decode.max(decode);
+    }
+    engine.shutdown();
+    println!(
+        "{}",
+        serde_json::json!({
+            "engine": "mlxserver",
+            "model": model.display().to_string(),
+            "backend": engine.backend().name(),
+            "weight_bytes": info.weight_bytes,
+            "load_seconds": load_seconds,
+            "prompt_tokens": prompt_tokens,
+            "decode_tokens": decode_tokens,
+            "batch": batch,
+            "prompt_tok_per_s": best_prefill,
+            "decode_tok_per_s": best_decode,
+        })
+    );
+}

@@ -1,0 +1,113 @@
+//! RAG benchmark: chunks embedded per second with all-MiniLM-L6-v2 on the engine, and query
+//! latency (p50/p99) of LanceDB vector search at 1k and 100k chunks, flat and with an IVF-PQ
+//! index. The 100k table reuses the 1k real embeddings with small noise added (embedding
+//! 100k chunks on 2 CPU cores would take most of an hour). Prints JSON lines.
+//!
+//! usage: rag_bench MINILM_FOLDER [--chunks 1000] [--large 100000] [--queries 200]
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use mlxserver::config::EngineConfig;
+use mlxserver::engine::{Engine, Frontend};
+use mlxserver::rag::{ChunkRow, Rag};
+use rand::{Rng, SeedableRng};
+
+fn arg(args: &[String], name: &str, default: usize) -> usize {
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn percentile(samples: &mut [Duration], p: f64) -> f64 {
+    samples.sort();
+    let index = ((samples.len() as f64 - 1.0) * p).round() as usize;
+    samples[index].as_secs_f64() * 1000.0
+}
+
+const WORDS: &[&str] = &[
+    "river", "engine", "garden", "protocol", "harbor", "memory", "orbit", "ledger", "violin", "glacier", "pixel", "thunder",
+    "compiler", "meadow", "lantern", "quartz", "saddle", "nebula", "kernel", "orchard", "tundra", "beacon", "cipher", "willow",
+];
+
+fn sentence(rng: &mut rand::rngs::StdRng, words: usize) -> String {
+    (0..words).map(|_| WORDS[rng.random_range(0..WORDS.len())]).collect::<Vec<_>>().join(" ") + "."
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let model = PathBuf::from(args.get(1).expect("usage: rag_bench MINILM_FOLDER"));
+    let chunks = arg(&args, "--chunks", 1000);
+    let large = arg(&args, "--large", 100_000);
+    let queries = arg(&args, "--queries", 200);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let engine = Engine::start(EngineConfig { cpu_dtype: Default::default(), prefill_chunk: 512, max_batch: 16, prefix_cache_bytes: 0 });
+    let info = runtime.block_on(engine.load(1, &model)).expect("load");
+    let Frontend::Embedding(frontend) = info.frontend else { panic!("not an embedding model") };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    // Chunks of about 200 tokens, like add-docs' default 256-token chunks.
+    let texts: Vec<String> = (0..chunks).map(|_| (0..12).map(|_| sentence(&mut rng, 12)).collect::<Vec<_>>().join(" ")).collect();
+    let tokenized: Vec<Vec<u32>> = texts.iter().map(|t| frontend.tokenizer.encode(t.as_str(), true).unwrap().get_ids().to_vec()).collect();
+    let tokens: usize = tokenized.iter().map(Vec::len).sum();
+    let started = Instant::now();
+    let mut vectors = Vec::with_capacity(chunks);
+    for batch in tokenized.chunks(32) {
+        vectors.extend(runtime.block_on(engine.embed(1, batch.to_vec())).expect("embed"));
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    println!("{}", serde_json::json!({"bench": "embed", "chunks": chunks, "tokens_per_chunk": tokens / chunks, "chunks_per_s": chunks as f64 / seconds, "tokens_per_s": tokens as f64 / seconds}));
+
+    let query_texts: Vec<String> = (0..queries).map(|_| sentence(&mut rng, 10)).collect();
+    let query_vectors: Vec<Vec<f32>> = runtime
+        .block_on(engine.embed(1, query_texts.iter().map(|t| frontend.tokenizer.encode(t.as_str(), true).unwrap().get_ids().to_vec()).collect()))
+        .expect("embed queries");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let rag = runtime.block_on(Rag::open(dir.path().to_str().unwrap())).expect("open");
+    for (name, size) in [("small", chunks), ("large", large)] {
+        let table = runtime.block_on(rag.collection_for(name, "bench", 384)).expect("table");
+        let mut written = 0;
+        while written < size {
+            let rows: Vec<ChunkRow> = (written..(written + 5000).min(size))
+                .map(|i| {
+                    let base = &vectors[i % vectors.len()];
+                    let noisy: Vec<f32> = base.iter().map(|v| v + if i < vectors.len() { 0.0 } else { rng.random_range(-0.02..0.02) }).collect();
+                    let norm = noisy.iter().map(|v| v * v).sum::<f32>().sqrt();
+                    ChunkRow { source: format!("doc{}", i / 10), chunk_index: (i % 10) as i32, content_hash: "h".into(), text: texts[i % texts.len()].clone(), vector: noisy.iter().map(|v| v / norm).collect() }
+                })
+                .collect();
+            written += rows.len();
+            runtime.block_on(Rag::add_chunks(&table, "bench", 384, &rows)).expect("add");
+        }
+        for indexed in [false, true] {
+            if indexed {
+                if size < 10_000 {
+                    continue;
+                }
+                let started = Instant::now();
+                runtime
+                    .block_on(table.create_index(&["vector"], lancedb::index::Index::Auto).execute())
+                    .expect("index");
+                println!("{}", serde_json::json!({"bench": "index", "chunks": size, "seconds": started.elapsed().as_secs_f64()}));
+            }
+            let mut search = Vec::with_capacity(queries);
+            let mut end_to_end = Vec::with_capacity(queries);
+            for (text, vector) in query_texts.iter().zip(&query_vectors) {
+                let started = Instant::now();
+                runtime.block_on(rag.search(name, "bench", vector.clone(), 4, -1.0)).expect("search");
+                search.push(started.elapsed());
+                let started = Instant::now();
+                let ids = frontend.tokenizer.encode(text.as_str(), true).unwrap().get_ids().to_vec();
+                let vector = runtime.block_on(engine.embed(1, vec![ids])).expect("embed").pop().unwrap();
+                runtime.block_on(rag.search(name, "bench", vector, 4, -1.0)).expect("search");
+                end_to_end.push(started.elapsed());
+            }
+            println!(
+                "{}",
+                serde_json::json!({
+                    "bench": "query", "chunks": size, "index": if indexed { "ivf_pq (auto)" } else { "none (flat)" },
+                    "search_p50_ms": percentile(&mut search, 0.5), "search_p99_ms": percentile(&mut search, 0.99),
+                    "embed_and_search_p50_ms": percentile(&mut end_to_end, 0.5), "embed_and_search_p99_ms": percentile(&mut end_to_end, 0.99),
+                })
+            );
+        }
+    }
+    engine.shutdown();
+}

@@ -1,0 +1,566 @@
+//! The MLX engine: the only module that touches mlx-rs.
+//!
+//! One worker thread owns every MLX array (MLX graphs are not meant to be built from several
+//! threads at once, and a 2-core CPU gains nothing from it). The rest of the server talks to
+//! it through [`Engine`], a cheap handle that sends commands over a channel:
+//! load/unload a model, embed texts, or start a generation whose tokens come back as
+//! [`EngineEvent`]s. Each step the worker reads one chunk of a waiting prompt, then decodes
+//! one token for every running sequence of a model in a single batched forward pass
+//! (continuous batching). A sequence whose receiver is dropped is cancelled on the next step.
+//!
+//! Tokenizers and chat templates live in frontends ([`ChatFrontend`], [`EmbedFrontend`]) that
+//! any thread may use, so prompt formatting never waits for the worker.
+
+pub mod bert;
+pub mod convert;
+pub mod device;
+mod generate;
+pub mod llama;
+pub mod loader;
+pub mod nn;
+pub mod prefix;
+pub mod sampling;
+pub mod template;
+pub mod tokenizer;
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use mlx_rs::{Array, Dtype};
+use tokio::sync::{mpsc as tokio_mpsc, oneshot};
+
+pub use device::Backend;
+pub use generate::StopMatcher;
+pub use loader::{ChatFrontend, EmbedFrontend};
+pub use sampling::SamplingParams;
+
+use crate::config::EngineConfig;
+use crate::i18n::Msg;
+use crate::msg;
+use generate::{Progress, Sequence};
+use llama::SequenceSlot;
+use loader::LoadedModel;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{}", self.msg())]
+pub enum EngineError {
+    Io { path: PathBuf, reason: String },
+    UnsupportedArchitecture(String),
+    InvalidModel(String),
+    Tokenizer(String),
+    Template(String),
+    ContextOverflow { prompt: usize, limit: usize },
+    Mlx(String),
+    NotLoaded,
+    WrongKind { expected: ModelKind },
+    BadRequest(String),
+    Stopped,
+}
+
+impl EngineError {
+    pub fn msg(&self) -> Msg {
+        match self {
+            EngineError::Io { path, reason } => msg!("engine.error.io", path = path.display(), reason = reason),
+            EngineError::UnsupportedArchitecture(name) => msg!("engine.error.architecture", name = name),
+            EngineError::InvalidModel(detail) => msg!("engine.error.invalid_model", detail = detail),
+            EngineError::Tokenizer(detail) => msg!("engine.error.tokenizer", detail = detail),
+            EngineError::Template(detail) => msg!("engine.error.template", detail = detail),
+            EngineError::ContextOverflow { prompt, limit } => msg!("engine.error.context", prompt = prompt, limit = limit),
+            EngineError::Mlx(detail) => msg!("engine.error.mlx", detail = detail),
+            EngineError::NotLoaded => msg!("engine.error.not_loaded"),
+            EngineError::WrongKind { expected: ModelKind::Chat } => msg!("engine.error.not_chat"),
+            EngineError::WrongKind { expected: ModelKind::Embedding } => msg!("engine.error.not_embedding"),
+            EngineError::BadRequest(detail) => msg!("engine.error.bad_request", detail = detail),
+            EngineError::Stopped => msg!("engine.error.stopped"),
+        }
+    }
+}
+
+impl From<mlx_rs::error::Exception> for EngineError {
+    fn from(error: mlx_rs::error::Exception) -> Self {
+        EngineError::Mlx(error.to_string())
+    }
+}
+
+pub type Result<T> = std::result::Result<T, EngineError>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    Chat,
+    Embedding,
+}
+
+/// Identifies one load of a model (the scheduler hands these out).
+pub type ModelId = u64;
+
+/// The thread-safe side of a loaded model.
+#[derive(Clone)]
+pub enum Frontend {
+    Chat(Arc<ChatFrontend>),
+    Embedding(Arc<EmbedFrontend>),
+}
+
+/// What a load reports.
+#[derive(Clone)]
+pub struct ModelInfo {
+    pub kind: ModelKind,
+    pub frontend: Frontend,
+    /// Bytes of weights held in memory (after the device policy's conversions).
+    pub weight_bytes: u64,
+    pub load_duration: Duration,
+}
+
+/// A request to generate from a prompt.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub prompt_tokens: Vec<u32>,
+    pub sampling: SamplingParams,
+    /// At most this many new tokens (None: until EOS or the context is full).
+    pub max_tokens: Option<usize>,
+    /// A smaller context than the model's (Ollama's `num_ctx`).
+    pub context_length: Option<usize>,
+    /// Generation ends before any of these strings; they are not emitted.
+    pub stop: Vec<String>,
+    /// Report log-probabilities with this many alternatives per token.
+    pub logprobs: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-sequence token or a stop string.
+    Stop,
+    /// `max_tokens` or the context length was reached.
+    Length,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopLogprob {
+    pub token: u32,
+    pub logprob: f32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub logprob: f32,
+    pub top: Vec<TopLogprob>,
+}
+
+/// The end of a generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    pub finish_reason: FinishReason,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub prompt_eval: Duration,
+    pub eval: Duration,
+    /// The generated token ids.
+    pub tokens: Vec<u32>,
+    /// Prompt tokens read from the prefix cache instead of computed.
+    pub cached_tokens: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum EngineEvent {
+    /// A token; `text` is what it adds to the answer (empty while a character or a possible
+    /// stop string is incomplete). `token` is `u32::MAX` for text released at the end.
+    Token { text: String, token: u32, logprob: Option<TokenLogprob> },
+    Done(Completion),
+    Error(EngineError),
+}
+
+enum Command {
+    Load { id: ModelId, path: PathBuf, reply: oneshot::Sender<Result<ModelInfo>> },
+    Unload { id: ModelId, reply: Option<oneshot::Sender<()>> },
+    Generate { id: ModelId, request: GenerateRequest, events: tokio_mpsc::UnboundedSender<EngineEvent> },
+    Embed { id: ModelId, inputs: Vec<Vec<u32>>, reply: oneshot::Sender<Result<Vec<Vec<f32>>>> },
+    Stats { reply: oneshot::Sender<EngineStats> },
+    /// Other MLX work (conversion, quantization) run on the engine thread.
+    Task(Box<dyn FnOnce() + Send>),
+    Shutdown,
+}
+
+/// Counters for `/api/ps` and metrics.
+#[derive(Debug, Clone, Default)]
+pub struct EngineStats {
+    /// Sequences running or waiting, by model.
+    pub sequences: HashMap<ModelId, usize>,
+    /// Bytes of key/value caches, by model.
+    pub cache_bytes: HashMap<ModelId, u64>,
+    pub prefix: prefix::PrefixStats,
+    /// Bytes MLX holds (arrays and caches).
+    pub active_memory: u64,
+}
+
+/// A handle to the engine thread.
+#[derive(Clone)]
+pub struct Engine {
+    commands: Sender<Command>,
+    backend: Backend,
+    thread: Arc<std::sync::Mutex<Option<JoinHandle<()>>>>,
+}
+
+impl Engine {
+    /// Starts the worker thread.
+    pub fn start(config: EngineConfig) -> Engine {
+        let (commands, receiver) = mpsc::channel();
+        let backend = device::detect();
+        let thread = std::thread::Builder::new()
+            .name("mlx-engine".into())
+            .spawn(move || Worker::new(config, backend).run(receiver))
+            .expect("the engine thread starts");
+        Engine { commands, backend, thread: Arc::new(std::sync::Mutex::new(Some(thread))) }
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    fn send(&self, command: Command) -> Result<()> {
+        self.commands.send(command).map_err(|_| EngineError::Stopped)
+    }
+
+    /// Loads the model at `path` (a .gguf file or a model folder) under `id`.
+    pub async fn load(&self, id: ModelId, path: &Path) -> Result<ModelInfo> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Load { id, path: path.to_path_buf(), reply })?;
+        answer.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    /// Frees a model; returns once its memory is released.
+    pub async fn unload(&self, id: ModelId) {
+        let (reply, answer) = oneshot::channel();
+        if self.send(Command::Unload { id, reply: Some(reply) }).is_ok() {
+            let _ = answer.await;
+        }
+    }
+
+    /// Starts generating; events arrive on the returned receiver. Dropping it cancels.
+    pub fn generate(&self, id: ModelId, request: GenerateRequest) -> Result<tokio_mpsc::UnboundedReceiver<EngineEvent>> {
+        let (events, receiver) = tokio_mpsc::unbounded_channel();
+        self.send(Command::Generate { id, request, events })?;
+        Ok(receiver)
+    }
+
+    /// Embeds already tokenized inputs.
+    pub async fn embed(&self, id: ModelId, inputs: Vec<Vec<u32>>) -> Result<Vec<Vec<f32>>> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Embed { id, inputs, reply })?;
+        answer.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    /// Runs MLX work (e.g. converting or quantizing a model) on the engine thread, between
+    /// generation steps, and returns its result.
+    pub async fn run<T: Send + 'static>(&self, job: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Task(Box::new(move || {
+            let _ = reply.send(job());
+        })))?;
+        answer.await.map_err(|_| EngineError::Stopped)
+    }
+
+    pub async fn stats(&self) -> EngineStats {
+        let (reply, answer) = oneshot::channel();
+        if self.send(Command::Stats { reply }).is_err() {
+            return EngineStats::default();
+        }
+        answer.await.unwrap_or_default()
+    }
+
+    /// Stops the worker after freeing every model.
+    pub fn shutdown(&self) {
+        let _ = self.commands.send(Command::Shutdown);
+        if let Ok(mut thread) = self.thread.lock() {
+            if let Some(handle) = thread.take() {
+                let _ = handle.join();
+            }
+        }
+    }
+}
+
+struct WorkerModel {
+    loaded: LoadedModel,
+    waiting: VecDeque<Sequence>,
+    running: Vec<Sequence>,
+}
+
+struct Worker {
+    config: EngineConfig,
+    backend: Backend,
+    models: HashMap<ModelId, WorkerModel>,
+    prefix: prefix::PrefixCache,
+}
+
+impl Worker {
+    fn new(config: EngineConfig, backend: Backend) -> Worker {
+        device::activate(backend);
+        let prefix = prefix::PrefixCache::new(config.prefix_cache_bytes);
+        Worker { config, backend, models: HashMap::new(), prefix }
+    }
+
+    fn busy(&self) -> bool {
+        self.models.values().any(|m| !m.waiting.is_empty() || !m.running.is_empty())
+    }
+
+    fn run(mut self, commands: Receiver<Command>) {
+        loop {
+            let first = if self.busy() {
+                match commands.try_recv() {
+                    Ok(command) => Some(command),
+                    Err(TryRecvError::Empty) => None,
+                    Err(TryRecvError::Disconnected) => return,
+                }
+            } else {
+                match commands.recv() {
+                    Ok(command) => Some(command),
+                    Err(_) => return,
+                }
+            };
+            let mut pending: Vec<Command> = first.into_iter().collect();
+            while let Ok(command) = commands.try_recv() {
+                pending.push(command);
+            }
+            for command in pending {
+                if !self.handle(command) {
+                    self.models.clear();
+                    return;
+                }
+            }
+            let ids: Vec<ModelId> = self.models.keys().copied().collect();
+            for id in ids {
+                self.step(id);
+            }
+        }
+    }
+
+    /// Returns false on shutdown.
+    fn handle(&mut self, command: Command) -> bool {
+        match command {
+            Command::Load { id, path, reply } => {
+                let _ = reply.send(self.load(id, &path));
+            }
+            Command::Unload { id, reply } => {
+                self.prefix.remove_model(id);
+                if let Some(model) = self.models.remove(&id) {
+                    for sequence in model.waiting.iter().chain(model.running.iter()) {
+                        sequence.fail(EngineError::NotLoaded);
+                    }
+                }
+                let _ = mlx_rs::memory::clear_cache();
+                if let Some(reply) = reply {
+                    let _ = reply.send(());
+                }
+            }
+            Command::Generate { id, request, events } => self.enqueue(id, request, events),
+            Command::Embed { id, inputs, reply } => {
+                let _ = reply.send(self.embed(id, inputs));
+            }
+            Command::Stats { reply } => {
+                let mut stats = EngineStats::default();
+                for (id, model) in &self.models {
+                    stats.sequences.insert(*id, model.waiting.len() + model.running.len());
+                    let bytes = model.waiting.iter().chain(model.running.iter()).flat_map(|s| s.cache.iter()).map(|c| c.nbytes() as u64).sum();
+                    stats.cache_bytes.insert(*id, bytes);
+                }
+                stats.prefix = self.prefix.stats();
+                stats.active_memory = mlx_rs::memory::active_memory().unwrap_or(0) as u64;
+                let _ = reply.send(stats);
+            }
+            Command::Task(job) => {
+                job();
+                let _ = mlx_rs::memory::clear_cache();
+            }
+            Command::Shutdown => return false,
+        }
+        true
+    }
+
+    fn load(&mut self, id: ModelId, path: &Path) -> Result<ModelInfo> {
+        let started = Instant::now();
+        let policy = device::WeightPolicy::for_backend(self.backend, self.config.cpu_dtype);
+        let loaded = loader::load(path, policy)?;
+        // Realize every conversion now, so the first request does not pay for it and the
+        // source arrays (e.g. the quantized originals) are freed.
+        mlx_rs::transforms::eval(loaded.arrays())?;
+        let _ = mlx_rs::memory::clear_cache();
+        let info = ModelInfo {
+            kind: loaded.kind(),
+            frontend: match &loaded {
+                LoadedModel::Chat { frontend, .. } => Frontend::Chat(frontend.clone()),
+                LoadedModel::Embedding { frontend, .. } => Frontend::Embedding(frontend.clone()),
+            },
+            weight_bytes: loaded.weight_bytes(),
+            load_duration: started.elapsed(),
+        };
+        tracing::info!(model = id, path = %path.display(), bytes = info.weight_bytes, backend = self.backend.name(), seconds = info.load_duration.as_secs_f32(), "model loaded");
+        self.models.insert(id, WorkerModel { loaded, waiting: VecDeque::new(), running: Vec::new() });
+        Ok(info)
+    }
+
+    fn enqueue(&mut self, id: ModelId, request: GenerateRequest, events: tokio_mpsc::UnboundedSender<EngineEvent>) {
+        let Some(model) = self.models.get_mut(&id) else {
+            let _ = events.send(EngineEvent::Error(EngineError::NotLoaded));
+            return;
+        };
+        let LoadedModel::Chat { model: llama, frontend } = &model.loaded else {
+            let _ = events.send(EngineEvent::Error(EngineError::WrongKind { expected: ModelKind::Chat }));
+            return;
+        };
+        let decoder = tokenizer::IncrementalDecoder::new(frontend.tokenizer.clone());
+        let eos = Arc::new(frontend.eos_token_ids.clone());
+        match Sequence::new(request, llama.new_cache(), decoder, eos, frontend.context_length, events) {
+            Ok(mut sequence) => {
+                if let Some((cache, length)) = self.prefix.lookup(id, &sequence.prompt) {
+                    sequence.reuse_prefix(cache, length);
+                }
+                model.waiting.push_back(sequence)
+            }
+            Err((error, events)) => {
+                let _ = events.send(EngineEvent::Error(error));
+            }
+        }
+    }
+
+    /// One round of work for a model: a prompt chunk of the first waiting sequence, then one
+    /// batched decode step for every running sequence.
+    fn step(&mut self, id: ModelId) {
+        let prefill_chunk = self.config.prefill_chunk.max(16);
+        let max_batch = self.config.max_batch.max(1);
+        let Some(model) = self.models.get_mut(&id) else { return };
+        let LoadedModel::Chat { model: llama, .. } = &model.loaded else { return };
+        model.waiting.retain(|s| !s.cancelled());
+        model.running.retain(|s| !s.cancelled());
+
+        let mut finished = Vec::new();
+        if model.running.len() < max_batch {
+            if let Some(mut sequence) = model.waiting.pop_front() {
+                match prefill_step(llama, &mut sequence, prefill_chunk) {
+                    Ok(Some(mut logits)) => match sequence.accept_logits(&mut logits) {
+                        Progress::Running => model.running.push(sequence),
+                        Progress::Finished => finished.push(sequence),
+                    },
+                    Ok(None) => model.waiting.push_front(sequence),
+                    Err(error) => sequence.fail(error),
+                }
+            }
+        }
+
+        if !model.running.is_empty() {
+            let batch: Vec<Sequence> = std::mem::take(&mut model.running);
+            match decode_step(llama, batch) {
+                Ok((still_running, done)) => {
+                    model.running = still_running;
+                    finished.extend(done);
+                }
+                Err((error, failed)) => {
+                    tracing::error!(%error, "decode step failed");
+                    for sequence in failed {
+                        sequence.fail(error.clone());
+                    }
+                }
+            }
+        }
+        for sequence in finished {
+            let tokens = sequence.cached_sequence();
+            self.prefix.insert(id, tokens, sequence.cache);
+        }
+    }
+
+    fn embed(&mut self, id: ModelId, inputs: Vec<Vec<u32>>) -> Result<Vec<Vec<f32>>> {
+        let model = self.models.get(&id).ok_or(EngineError::NotLoaded)?;
+        let LoadedModel::Embedding { model: bert, .. } = &model.loaded else {
+            return Err(EngineError::WrongKind { expected: ModelKind::Embedding });
+        };
+        let mut output = Vec::with_capacity(inputs.len());
+        // Similar lengths together keep padding small.
+        let mut order: Vec<usize> = (0..inputs.len()).collect();
+        order.sort_by_key(|&i| inputs[i].len());
+        let mut results: Vec<Option<Vec<f32>>> = vec![None; inputs.len()];
+        for chunk in order.chunks(32) {
+            let length = chunk.iter().map(|&i| inputs[i].len()).max().unwrap_or(1).max(1);
+            let mut ids = Vec::with_capacity(chunk.len() * length);
+            let mut mask = Vec::with_capacity(chunk.len() * length);
+            for &i in chunk {
+                let tokens = &inputs[i];
+                ids.extend(tokens.iter().map(|&t| t as i32));
+                ids.extend(std::iter::repeat_n(0, length - tokens.len()));
+                mask.extend(std::iter::repeat_n(1i32, tokens.len()));
+                mask.extend(std::iter::repeat_n(0i32, length - tokens.len()));
+            }
+            let shape = [chunk.len() as i32, length as i32];
+            let embeddings = bert.embed(&Array::from_slice(&ids, &shape), &Array::from_slice(&mask, &shape))?;
+            let embeddings = embeddings.as_dtype(Dtype::Float32)?;
+            embeddings.eval()?;
+            let values = embeddings.try_as_slice::<f32>().map_err(|e| EngineError::Mlx(e.to_string()))?;
+            let dims = embeddings.dim(1) as usize;
+            for (row, &i) in chunk.iter().enumerate() {
+                results[i] = Some(values[row * dims..(row + 1) * dims].to_vec());
+            }
+        }
+        for result in results {
+            output.push(result.unwrap_or_default());
+        }
+        Ok(output)
+    }
+}
+
+/// Host copy of `[B, vocab]` logits as f32 rows.
+fn logits_rows(logits: &Array) -> Result<Vec<Vec<f32>>> {
+    let logits = logits.as_dtype(Dtype::Float32)?;
+    logits.eval()?;
+    let values = logits.try_as_slice::<f32>().map_err(|e| EngineError::Mlx(e.to_string()))?;
+    let vocab = logits.dim(-1) as usize;
+    Ok(values.chunks(vocab).map(<[f32]>::to_vec).collect())
+}
+
+/// Feeds the next chunk of a sequence's prompt. Returns the last position's logits once the
+/// whole prompt is in the cache.
+fn prefill_step(model: &llama::LlamaModel, sequence: &mut Sequence, chunk: usize) -> Result<Option<Vec<f32>>> {
+    let end = (sequence.prefilled + chunk).min(sequence.prompt.len());
+    let tokens: Vec<i32> = sequence.prompt[sequence.prefilled..end].iter().map(|&t| t as i32).collect();
+    let input = Array::from_slice(&tokens, &[1, tokens.len() as i32]);
+    let logits = {
+        let mut slots = [SequenceSlot { cache: &mut sequence.cache }];
+        model.forward(&input, &mut slots)?
+    };
+    mlx_rs::transforms::eval(std::iter::once(&logits).chain(sequence.cache.iter().flat_map(|c| c.arrays())))?;
+    sequence.prefilled = end;
+    if sequence.prompt_done() {
+        Ok(logits_rows(&logits)?.pop())
+    } else {
+        Ok(None)
+    }
+}
+
+/// One token for each running sequence, in one forward pass.
+#[allow(clippy::type_complexity)]
+fn decode_step(model: &llama::LlamaModel, mut batch: Vec<Sequence>) -> std::result::Result<(Vec<Sequence>, Vec<Sequence>), (EngineError, Vec<Sequence>)> {
+    let tokens: Vec<i32> = batch.iter().map(|s| s.next_input.unwrap_or(0) as i32).collect();
+    let input = Array::from_slice(&tokens, &[batch.len() as i32, 1]);
+    let outcome = (|| -> Result<Vec<Vec<f32>>> {
+        let logits = {
+            let mut slots: Vec<SequenceSlot<'_>> = batch.iter_mut().map(|s| SequenceSlot { cache: &mut s.cache }).collect();
+            model.forward(&input, &mut slots)?
+        };
+        mlx_rs::transforms::eval(std::iter::once(&logits).chain(batch.iter().flat_map(|s| s.cache.iter().flat_map(|c| c.arrays()))))?;
+        logits_rows(&logits)
+    })();
+    let rows = match outcome {
+        Ok(rows) => rows,
+        Err(error) => return Err((error, batch)),
+    };
+    let mut still_running = Vec::with_capacity(batch.len());
+    let mut finished = Vec::new();
+    for (mut sequence, mut row) in batch.into_iter().zip(rows) {
+        match sequence.accept_logits(&mut row) {
+            Progress::Running => still_running.push(sequence),
+            Progress::Finished => finished.push(sequence),
+        }
+    }
+    Ok((still_running, finished))
+}

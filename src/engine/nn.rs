@@ -1,0 +1,266 @@
+//! Building blocks shared by the models: linear layers (dense or MLX-quantized), embedding
+//! tables, and the per-sequence key/value cache.
+
+use mlx_rs::ops::indexing::{IndexOp, TryIndexMutOp};
+use mlx_rs::{ops, Array, Dtype};
+
+use super::EngineError;
+
+pub type Result<T> = std::result::Result<T, EngineError>;
+
+/// MLX affine quantization of a weight matrix.
+#[derive(Clone)]
+pub struct Quantized {
+    pub weight: Array,
+    pub scales: Array,
+    pub biases: Array,
+    pub group_size: i32,
+    pub bits: i32,
+}
+
+impl Quantized {
+    pub fn dequantize(&self) -> Result<Array> {
+        Ok(ops::dequantize(&self.weight, &self.scales, &self.biases, self.group_size, self.bits)?)
+    }
+
+    pub fn nbytes(&self) -> usize {
+        self.weight.nbytes() + self.scales.nbytes() + self.biases.nbytes()
+    }
+}
+
+/// A weight matrix as held in memory.
+#[derive(Clone)]
+pub enum Weight {
+    /// `[out, in]`, any float dtype.
+    Dense(Array),
+    Quantized(Quantized),
+}
+
+impl Weight {
+    pub fn nbytes(&self) -> usize {
+        match self {
+            Weight::Dense(array) => array.nbytes(),
+            Weight::Quantized(q) => q.nbytes(),
+        }
+    }
+
+    /// The same weight, dequantized to `dtype` when `dense` is asked for; dense weights are
+    /// cast to `dtype`.
+    pub fn prepared(self, dense: bool, dtype: Dtype) -> Result<Weight> {
+        Ok(match self {
+            Weight::Quantized(q) if dense => Weight::Dense(q.dequantize()?.as_dtype(dtype)?),
+            Weight::Quantized(q) => Weight::Quantized(q),
+            Weight::Dense(array) if array.dtype() != dtype => Weight::Dense(array.as_dtype(dtype)?),
+            Weight::Dense(array) => Weight::Dense(array),
+        })
+    }
+
+    pub fn arrays(&self) -> Vec<&Array> {
+        match self {
+            Weight::Dense(array) => vec![array],
+            Weight::Quantized(q) => vec![&q.weight, &q.scales, &q.biases],
+        }
+    }
+
+    pub fn out_features(&self) -> i32 {
+        match self {
+            Weight::Dense(array) => array.dim(0),
+            Weight::Quantized(q) => q.weight.dim(0),
+        }
+    }
+}
+
+/// `y = x Wᵀ + b`.
+#[derive(Clone)]
+pub struct Linear {
+    pub weight: Weight,
+    pub bias: Option<Array>,
+}
+
+impl Linear {
+    pub fn forward(&self, x: &Array) -> Result<Array> {
+        let y = match &self.weight {
+            Weight::Dense(w) => ops::matmul(x, w.t())?,
+            Weight::Quantized(q) => {
+                ops::quantized_matmul(x, &q.weight, &q.scales, &q.biases, true, q.group_size, q.bits)?
+            }
+        };
+        Ok(match &self.bias {
+            Some(bias) => y.add(bias)?,
+            None => y,
+        })
+    }
+
+    pub fn nbytes(&self) -> usize {
+        self.weight.nbytes() + self.bias.as_ref().map_or(0, Array::nbytes)
+    }
+
+    pub fn arrays(&self) -> Vec<&Array> {
+        let mut arrays = self.weight.arrays();
+        if let Some(bias) = &self.bias {
+            arrays.push(bias);
+        }
+        arrays
+    }
+}
+
+/// Several linear layers reading the same input, run as one matmul when their weights can
+/// be stacked (fewer, larger BLAS calls: on the CPU the per-call cost dominates small
+/// decode steps). Outputs come back split in the original order.
+pub enum Projections {
+    Fused { linear: Linear, sizes: Vec<i32> },
+    Separate(Vec<Linear>),
+}
+
+impl Projections {
+    pub fn new(parts: Vec<Linear>) -> Result<Projections> {
+        let sizes: Vec<i32> = parts.iter().map(|p| p.weight.out_features()).collect();
+        let same_kind = match (&parts[0].weight, parts.iter().all(|p| p.bias.is_some()), parts.iter().all(|p| p.bias.is_none())) {
+            (_, false, false) => false,
+            (Weight::Dense(first), _, _) => parts.iter().all(|p| matches!(&p.weight, Weight::Dense(w) if w.dtype() == first.dtype())),
+            (Weight::Quantized(first), _, _) => parts
+                .iter()
+                .all(|p| matches!(&p.weight, Weight::Quantized(q) if q.bits == first.bits && q.group_size == first.group_size)),
+        };
+        if !same_kind {
+            return Ok(Projections::Separate(parts));
+        }
+        let bias = if parts[0].bias.is_some() {
+            let biases: Vec<&Array> = parts.iter().filter_map(|p| p.bias.as_ref()).collect();
+            Some(ops::concatenate(&biases, 0)?)
+        } else {
+            None
+        };
+        let weight = match &parts[0].weight {
+            Weight::Dense(_) => {
+                let weights: Vec<&Array> = parts.iter().filter_map(|p| if let Weight::Dense(w) = &p.weight { Some(w) } else { None }).collect();
+                Weight::Dense(ops::concatenate(&weights, 0)?)
+            }
+            Weight::Quantized(first) => {
+                let quantized: Vec<&Quantized> = parts.iter().filter_map(|p| if let Weight::Quantized(q) = &p.weight { Some(q) } else { None }).collect();
+                Weight::Quantized(Quantized {
+                    weight: ops::concatenate(&quantized.iter().map(|q| &q.weight).collect::<Vec<_>>(), 0)?,
+                    scales: ops::concatenate(&quantized.iter().map(|q| &q.scales).collect::<Vec<_>>(), 0)?,
+                    biases: ops::concatenate(&quantized.iter().map(|q| &q.biases).collect::<Vec<_>>(), 0)?,
+                    group_size: first.group_size,
+                    bits: first.bits,
+                })
+            }
+        };
+        Ok(Projections::Fused { linear: Linear { weight, bias }, sizes })
+    }
+
+    pub fn forward(&self, x: &Array) -> Result<Vec<Array>> {
+        match self {
+            Projections::Separate(parts) => parts.iter().map(|p| p.forward(x)).collect(),
+            Projections::Fused { linear, sizes } => {
+                let y = linear.forward(x)?;
+                let mut out = Vec::with_capacity(sizes.len());
+                let mut start = 0;
+                for size in sizes {
+                    out.push(y.index((.., .., start..start + size)));
+                    start += size;
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    pub fn arrays(&self) -> Vec<&Array> {
+        match self {
+            Projections::Fused { linear, .. } => linear.arrays(),
+            Projections::Separate(parts) => parts.iter().flat_map(Linear::arrays).collect(),
+        }
+    }
+}
+
+/// A token embedding table, usable as the output projection when the model ties them.
+#[derive(Clone)]
+pub struct Embedding {
+    pub table: Weight,
+}
+
+impl Embedding {
+    /// `ids`: integer array of any shape; returns `[..., dim]`.
+    pub fn forward(&self, ids: &Array) -> Result<Array> {
+        Ok(match &self.table {
+            Weight::Dense(table) => table.take_axis(ids, 0)?,
+            Weight::Quantized(q) => {
+                let weight = q.weight.take_axis(ids, 0)?;
+                let scales = q.scales.take_axis(ids, 0)?;
+                let biases = q.biases.take_axis(ids, 0)?;
+                ops::dequantize(&weight, &scales, &biases, q.group_size, q.bits)?
+            }
+        })
+    }
+
+    /// Logits against the table: `x Eᵀ`.
+    pub fn as_linear(&self, x: &Array) -> Result<Array> {
+        Linear { weight: self.table.clone(), bias: None }.forward(x)
+    }
+}
+
+/// Keys and values of one layer for one sequence, grown in steps so appending a token does
+/// not copy the whole history. Cloning shares the buffers (MLX arrays are values).
+#[derive(Clone)]
+pub struct KvCache {
+    keys: Option<Array>,
+    values: Option<Array>,
+    pub offset: i32,
+}
+
+const CACHE_STEP: i32 = 256;
+
+impl KvCache {
+    pub fn new() -> Self {
+        KvCache { keys: None, values: None, offset: 0 }
+    }
+
+    /// Appends `keys`/`values` (`[1, kv_heads, L, head_dim]`) and returns the whole history.
+    pub fn update(&mut self, keys: &Array, values: &Array) -> Result<(Array, Array)> {
+        let length = keys.dim(2);
+        let needed = self.offset + length;
+        let capacity = self.keys.as_ref().map_or(0, |k| k.dim(2));
+        if needed > capacity {
+            let grow = ((needed - capacity + CACHE_STEP - 1) / CACHE_STEP) * CACHE_STEP;
+            let shape = |a: &Array| [a.dim(0), a.dim(1), grow, a.dim(3)];
+            let new_keys = ops::zeros_dtype(&shape(keys), keys.dtype())?;
+            let new_values = ops::zeros_dtype(&shape(values), values.dtype())?;
+            self.keys = Some(match self.keys.take() {
+                Some(old) => ops::concatenate(&[old.index((.., .., ..self.offset, ..)), new_keys], 2)?,
+                None => new_keys,
+            });
+            self.values = Some(match self.values.take() {
+                Some(old) => ops::concatenate(&[old.index((.., .., ..self.offset, ..)), new_values], 2)?,
+                None => new_values,
+            });
+        }
+        let (Some(cache_keys), Some(cache_values)) = (self.keys.as_mut(), self.values.as_mut()) else {
+            return Err(EngineError::Mlx("key/value cache was not allocated".into()));
+        };
+        cache_keys.try_index_mut((.., .., self.offset..needed, ..), keys)?;
+        cache_values.try_index_mut((.., .., self.offset..needed, ..), values)?;
+        self.offset = needed;
+        Ok((cache_keys.index((.., .., ..needed, ..)), cache_values.index((.., .., ..needed, ..))))
+    }
+
+    pub fn nbytes(&self) -> usize {
+        self.keys.as_ref().map_or(0, Array::nbytes) + self.values.as_ref().map_or(0, Array::nbytes)
+    }
+
+    /// Forgets everything after the first `length` positions.
+    pub fn truncate(&mut self, length: i32) {
+        self.offset = self.offset.min(length);
+    }
+
+    /// The evaluated buffers, so a step can realize them together with its outputs.
+    pub fn arrays(&self) -> impl Iterator<Item = &Array> {
+        self.keys.iter().chain(self.values.iter())
+    }
+}
+
+impl Default for KvCache {
+    fn default() -> Self {
+        Self::new()
+    }
+}
