@@ -1,0 +1,597 @@
+//! Ollama-compatible routes under `/api`: translation between Ollama's wire types and the
+//! shared [`Service`](crate::service::Service). Streams are NDJSON; an error before the first
+//! byte gets an HTTP status, after it an `{"error": ...}` line.
+
+use std::time::{Duration, SystemTime};
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::Router;
+use futures::Stream;
+use serde::Serialize;
+
+use super::error::{json_response, ApiError, ApiJson};
+use super::ollama_types::*;
+use super::AppState;
+use crate::config::KeepAlive;
+use crate::engine::{Completion, EngineEvent, FinishReason, ModelKind};
+use crate::service::{self, ChatMessage, Generation, Options as ServiceOptions, RagOptions};
+use crate::store::{self, Entry};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/generate", post(generate))
+        .route("/api/chat", post(chat))
+        .route("/api/embed", post(embed))
+        .route("/api/embeddings", post(embeddings))
+        .route("/api/tags", get(tags))
+        .route("/api/show", post(show))
+        .route("/api/ps", get(ps))
+        .route("/api/copy", post(copy))
+        .route("/api/delete", delete(remove))
+        .route("/api/create", post(create))
+        .route("/api/pull", post(pull))
+}
+
+pub fn rfc3339(time: SystemTime) -> String {
+    chrono::DateTime::<chrono::Utc>::from(time).to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+}
+
+fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}
+
+fn keep_alive(value: &Option<KeepAliveValue>) -> Result<Option<KeepAlive>, ApiError> {
+    value.as_ref().map(|v| v.parse().map_err(|e| ApiError::invalid_param("keep_alive", e))).transpose()
+}
+
+fn options(value: &Option<Options>) -> Result<ServiceOptions, ApiError> {
+    let parameters = value.as_ref().map(Options::to_parameters).transpose().map_err(|e| ApiError::invalid_param("options", e))?;
+    Ok(ServiceOptions { parameters: parameters.unwrap_or_default(), logprobs: None })
+}
+
+fn reject_unsupported(images: bool, format: &Option<FormatValue>, suffix: Option<&str>) -> Result<(), ApiError> {
+    if images {
+        return Err(ApiError::invalid_param("images", "images are not supported: mlxserver serves text models"));
+    }
+    if suffix.is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::invalid_param("suffix", "suffix (fill-in-the-middle) is not supported"));
+    }
+    if let Some(format) = format {
+        if !(format.is_null() || format.as_str() == Some("")) {
+            return Err(ApiError::invalid_param("format", "structured output (format) is not supported yet"));
+        }
+    }
+    Ok(())
+}
+
+fn metrics(generation_started: std::time::Instant, load: Duration, completion: &Completion) -> Metrics {
+    Metrics {
+        total_duration: Some(nanos(generation_started.elapsed())),
+        load_duration: Some(nanos(load)),
+        prompt_eval_count: Some(completion.prompt_tokens),
+        prompt_eval_duration: Some(nanos(completion.prompt_eval)),
+        eval_count: Some(completion.completion_tokens),
+        eval_duration: Some(nanos(completion.eval)),
+    }
+}
+
+fn done_reason(reason: FinishReason) -> String {
+    match reason {
+        FinishReason::Stop => "stop".into(),
+        FinishReason::Length => "length".into(),
+    }
+}
+
+/// An NDJSON body from a stream of serializable objects.
+fn ndjson<S, T>(stream: S) -> Response
+where
+    S: Stream<Item = T> + Send + 'static,
+    T: Serialize,
+{
+    use futures::StreamExt;
+    let lines = stream.map(|item| {
+        let mut line = serde_json::to_vec(&item).unwrap_or_else(|_| b"{\"error\":\"encoding failed\"}".to_vec());
+        line.push(b'\n');
+        Ok::<_, std::convert::Infallible>(line)
+    });
+    let mut response = Response::new(Body::from_stream(lines));
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));
+    response
+}
+
+/// Loads (or with `keep_alive: 0` unloads) a model for a request without a prompt.
+async fn load_only(state: &AppState, model: &str, keep_alive: Option<KeepAlive>) -> Result<(String, &'static str), ApiError> {
+    let resolved = state.service.resolve(model)?;
+    if keep_alive == Some(KeepAlive::Immediately) {
+        state.service.unload(&resolved).await;
+        return Ok((resolved.name, "unload"));
+    }
+    drop(state.service.lease(&resolved, keep_alive).await?);
+    Ok((resolved.name, "load"))
+}
+
+/// Generate a response for a prompt.
+#[utoipa::path(post, path = "/api/generate", tag = "ollama", request_body = GenerateRequest,
+    responses((status = 200, description = "NDJSON stream of GenerateResponse objects, or one when stream is false", body = GenerateResponse),
+              (status = 400, body = super::error::SimpleErrorBody), (status = 404, body = super::error::SimpleErrorBody)))]
+pub async fn generate(State(state): State<AppState>, ApiJson(request): ApiJson<GenerateRequest>) -> Result<Response, ApiError> {
+    reject_unsupported(request.images.as_ref().is_some_and(|i| !i.is_empty()), &request.format, request.suffix.as_deref())?;
+    let keep_alive = keep_alive(&request.keep_alive)?;
+    if request.prompt.is_empty() && request.context.as_ref().is_none_or(Vec::is_empty) {
+        let (model, reason) = load_only(&state, &request.model, keep_alive).await?;
+        let response = GenerateResponse {
+            model,
+            created_at: rfc3339(SystemTime::now()),
+            response: String::new(),
+            done: true,
+            done_reason: Some(reason.into()),
+            context: None,
+            metrics: Metrics::default(),
+            rag: None,
+        };
+        return Ok(json_response(StatusCode::OK, &response));
+    }
+    let rag = request.rag.as_ref().map(RagOptions::from_value).transpose().map_err(|e| ApiError::invalid_param("rag", e))?.flatten();
+    if rag.is_some() && request.raw.unwrap_or(false) {
+        return Err(ApiError::invalid_param("rag", "rag cannot be combined with raw"));
+    }
+    if let Some(rag) = rag {
+        // With retrieval, a prompt is answered as a one-turn chat so the sources can be
+        // placed in the system message.
+        let mut messages = Vec::new();
+        if let Some(system) = &request.system {
+            messages.push(ChatMessage::new("system", system.clone()));
+        }
+        messages.push(ChatMessage::new("user", request.prompt.clone()));
+        let (generation, _) = state
+            .service
+            .chat(service::ChatRequest { model: request.model.clone(), messages, options: options(&request.options)?, keep_alive, rag: Some(rag) })
+            .await?;
+        return finish_generate(generation, request.stream.unwrap_or(true), true).await;
+    }
+    let (generation, _) = state
+        .service
+        .complete(service::CompletionRequest {
+            model: request.model.clone(),
+            prompt: request.prompt,
+            system: request.system,
+            template: request.template,
+            raw: request.raw.unwrap_or(false),
+            context: request.context.unwrap_or_default(),
+            options: options(&request.options)?,
+            keep_alive,
+        })
+        .await?;
+    finish_generate(generation, request.stream.unwrap_or(true), false).await
+}
+
+async fn finish_generate(generation: Generation, stream: bool, rag_asked: bool) -> Result<Response, ApiError> {
+    if stream {
+        return Ok(ndjson(generate_stream(generation, rag_asked)));
+    }
+    let model = generation.model.clone();
+    let started = generation.started;
+    let load = generation.load_duration;
+    let rag = sources_value(&generation.sources, rag_asked);
+    let mut context = generation.prompt_tokens.clone();
+    let collected = generation.collect(None).await?;
+    context.extend(&collected.completion.tokens);
+    let response = GenerateResponse {
+        model,
+        created_at: rfc3339(SystemTime::now()),
+        response: collected.text,
+        done: true,
+        done_reason: Some(done_reason(collected.completion.finish_reason)),
+        context: Some(context),
+        metrics: metrics(started, load, &collected.completion),
+        rag,
+    };
+    Ok(json_response(StatusCode::OK, &response))
+}
+
+fn generate_stream(mut generation: Generation, rag_asked: bool) -> impl Stream<Item = serde_json::Value> + Send + 'static {
+    async_stream::stream! {
+        let model = generation.model.clone();
+        let mut context = generation.prompt_tokens.clone();
+        while let Some(event) = generation.next().await {
+            match event {
+                EngineEvent::Token { text, .. } => {
+                    if text.is_empty() { continue; }
+                    yield serde_json::json!({"model": model, "created_at": rfc3339(SystemTime::now()), "response": text, "done": false});
+                }
+                EngineEvent::Done(completion) => {
+                    context.extend(&completion.tokens);
+                    let response = GenerateResponse {
+                        model: model.clone(),
+                        created_at: rfc3339(SystemTime::now()),
+                        response: String::new(),
+                        done: true,
+                        done_reason: Some(done_reason(completion.finish_reason)),
+                        context: Some(std::mem::take(&mut context)),
+                        metrics: metrics(generation.started, generation.load_duration, &completion),
+                        rag: sources_value(&generation.sources, rag_asked),
+                    };
+                    yield serde_json::to_value(response).unwrap_or_default();
+                    break;
+                }
+                EngineEvent::Error(error) => {
+                    yield serde_json::json!({"error": error.to_string()});
+                    break;
+                }
+            }
+        }
+    }
+}
+
+fn chat_messages(messages: &[Message]) -> Result<Vec<ChatMessage>, ApiError> {
+    messages
+        .iter()
+        .map(|message| {
+            if message.images.as_ref().is_some_and(|i| !i.is_empty()) {
+                return Err(ApiError::invalid_param("messages", "images are not supported: mlxserver serves text models"));
+            }
+            match message.role.as_str() {
+                "system" | "user" | "assistant" | "tool" => Ok(ChatMessage::new(&message.role, &message.content)),
+                other => Err(ApiError::invalid_param("messages", format!("unknown role '{other}'"))),
+            }
+        })
+        .collect()
+}
+
+/// Generate the next message of a chat.
+#[utoipa::path(post, path = "/api/chat", tag = "ollama", request_body = ChatRequest,
+    responses((status = 200, description = "NDJSON stream of ChatResponse objects, or one when stream is false", body = ChatResponse),
+              (status = 400, body = super::error::SimpleErrorBody), (status = 404, body = super::error::SimpleErrorBody)))]
+pub async fn chat(State(state): State<AppState>, ApiJson(request): ApiJson<ChatRequest>) -> Result<Response, ApiError> {
+    reject_unsupported(false, &request.format, None)?;
+    if request.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+        return Err(ApiError::invalid_param("tools", "tool calling is not supported yet"));
+    }
+    let keep_alive = keep_alive(&request.keep_alive)?;
+    let messages = chat_messages(&request.messages)?;
+    if messages.is_empty() {
+        let (model, reason) = load_only(&state, &request.model, keep_alive).await?;
+        let response = ChatResponse {
+            model,
+            created_at: rfc3339(SystemTime::now()),
+            message: Message { role: "assistant".into(), content: String::new(), images: None, tool_calls: None },
+            done: true,
+            done_reason: Some(reason.into()),
+            metrics: Metrics::default(),
+            rag: None,
+        };
+        return Ok(json_response(StatusCode::OK, &response));
+    }
+    let rag = request.rag.as_ref().map(RagOptions::from_value).transpose().map_err(|e| ApiError::invalid_param("rag", e))?.flatten();
+    let (generation, _) = state
+        .service
+        .chat(service::ChatRequest { model: request.model.clone(), messages, options: options(&request.options)?, keep_alive, rag })
+        .await?;
+    if request.stream.unwrap_or(true) {
+        let asked = request.rag.as_ref().is_some_and(|r| !r.is_null() && *r != serde_json::Value::Bool(false));
+        return Ok(ndjson(chat_stream(generation, asked)));
+    }
+    let model = generation.model.clone();
+    let started = generation.started;
+    let load = generation.load_duration;
+    let rag = sources_value(&generation.sources, request.rag.is_some());
+    let collected = generation.collect(None).await?;
+    let response = ChatResponse {
+        model,
+        created_at: rfc3339(SystemTime::now()),
+        message: Message { role: "assistant".into(), content: collected.text, images: None, tool_calls: None },
+        done: true,
+        done_reason: Some(done_reason(collected.completion.finish_reason)),
+        metrics: metrics(started, load, &collected.completion),
+        rag,
+    };
+    Ok(json_response(StatusCode::OK, &response))
+}
+
+/// The `rag` field of a final response: the sources the answer could cite.
+pub fn sources_value(sources: &[crate::rag::Source], asked: bool) -> Option<serde_json::Value> {
+    asked.then(|| serde_json::json!({ "sources": sources }))
+}
+
+fn chat_stream(mut generation: Generation, rag_asked: bool) -> impl Stream<Item = serde_json::Value> + Send + 'static {
+    async_stream::stream! {
+        let model = generation.model.clone();
+        while let Some(event) = generation.next().await {
+            match event {
+                EngineEvent::Token { text, .. } => {
+                    if text.is_empty() { continue; }
+                    yield serde_json::json!({"model": model, "created_at": rfc3339(SystemTime::now()), "message": {"role": "assistant", "content": text}, "done": false});
+                }
+                EngineEvent::Done(completion) => {
+                    let response = ChatResponse {
+                        model: model.clone(),
+                        created_at: rfc3339(SystemTime::now()),
+                        message: Message { role: "assistant".into(), content: String::new(), images: None, tool_calls: None },
+                        done: true,
+                        done_reason: Some(done_reason(completion.finish_reason)),
+                        metrics: metrics(generation.started, generation.load_duration, &completion),
+                        rag: sources_value(&generation.sources, rag_asked),
+                    };
+                    yield serde_json::to_value(response).unwrap_or_default();
+                    break;
+                }
+                EngineEvent::Error(error) => {
+                    yield serde_json::json!({"error": error.to_string()});
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Embed one or more texts.
+#[utoipa::path(post, path = "/api/embed", tag = "ollama", request_body = EmbedRequest,
+    responses((status = 200, body = EmbedResponse), (status = 400, body = super::error::SimpleErrorBody), (status = 404, body = super::error::SimpleErrorBody)))]
+pub async fn embed(State(state): State<AppState>, ApiJson(request): ApiJson<EmbedRequest>) -> Result<Response, ApiError> {
+    let keep_alive = keep_alive(&request.keep_alive)?;
+    let inputs = request.input.into_vec();
+    if inputs.is_empty() {
+        return Err(ApiError::invalid_param("input", "input must not be empty"));
+    }
+    let embeddings = state.service.embed(&request.model, &inputs, request.truncate.unwrap_or(true), keep_alive).await?;
+    if let Some(dimensions) = request.dimensions {
+        let native = embeddings.vectors.first().map_or(0, Vec::len);
+        if dimensions != native {
+            return Err(ApiError::invalid_param("dimensions", format!("this model produces {native} dimensions; other sizes are not supported")));
+        }
+    }
+    Ok(json_response(
+        StatusCode::OK,
+        &EmbedResponse {
+            model: embeddings.model,
+            embeddings: embeddings.vectors,
+            total_duration: nanos(embeddings.total_duration),
+            load_duration: nanos(embeddings.load_duration),
+            prompt_eval_count: embeddings.prompt_tokens,
+        },
+    ))
+}
+
+/// Embed one text (the older endpoint).
+#[utoipa::path(post, path = "/api/embeddings", tag = "ollama", request_body = EmbeddingsRequest,
+    responses((status = 200, body = EmbeddingsResponse), (status = 404, body = super::error::SimpleErrorBody)))]
+pub async fn embeddings(State(state): State<AppState>, ApiJson(request): ApiJson<EmbeddingsRequest>) -> Result<Response, ApiError> {
+    let keep_alive = keep_alive(&request.keep_alive)?;
+    let mut result = state.service.embed(&request.model, &[request.prompt], true, keep_alive).await?;
+    let embedding = result.vectors.pop().unwrap_or_default();
+    Ok(json_response(StatusCode::OK, &EmbeddingsResponse { embedding }))
+}
+
+pub fn details_of(base: &store::BaseModel) -> ModelDetails {
+    ModelDetails {
+        parent_model: String::new(),
+        format: base.manifest.format.as_str().to_string(),
+        family: if base.manifest.kind == ModelKind::Embedding { "bert".into() } else { "llama".into() },
+        families: None,
+        parameter_size: String::new(),
+        quantization_level: base.manifest.quantization.clone().unwrap_or_else(|| "F32".into()),
+    }
+}
+
+fn list_model(name: &str, base: &store::BaseModel, modified: chrono::DateTime<chrono::Utc>, parent: Option<&str>) -> ListModel {
+    let mut details = details_of(base);
+    details.parent_model = parent.unwrap_or_default().to_string();
+    ListModel {
+        name: format!("{name}:latest"),
+        model: format!("{name}:latest"),
+        modified_at: modified.to_rfc3339(),
+        size: base.manifest.size,
+        digest: base.manifest.digest.trim_start_matches("sha256:").to_string(),
+        details,
+    }
+}
+
+/// List local models and personalities.
+#[utoipa::path(get, path = "/api/tags", tag = "ollama", responses((status = 200, body = ListResponse)))]
+pub async fn tags(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let mut models = Vec::new();
+    for entry in state.service.store.list()? {
+        match entry {
+            Entry::Base(base) => models.push(list_model(&base.manifest.name.clone(), &base, base.manifest.created_at, None)),
+            Entry::Personality(personality) => {
+                if let Ok(resolved) = state.service.store.resolve(&personality.name) {
+                    models.push(list_model(&personality.name, &resolved.base, personality.created_at, Some(&personality.modelfile.from)));
+                }
+            }
+        }
+    }
+    Ok(json_response(StatusCode::OK, &ListResponse { models }))
+}
+
+/// Show a model's Modelfile, parameters, template and details.
+#[utoipa::path(post, path = "/api/show", tag = "ollama", request_body = ShowRequest,
+    responses((status = 200, body = ShowResponse), (status = 404, body = super::error::SimpleErrorBody)))]
+pub async fn show(State(state): State<AppState>, ApiJson(request): ApiJson<ShowRequest>) -> Result<Response, ApiError> {
+    let resolved = state.service.resolve(&request.model)?;
+    let modelfile = resolved.effective();
+    let manifest = &resolved.base.manifest;
+    let template = modelfile.template.clone().unwrap_or_default();
+    let parameters = modelfile.parameters.pairs().into_iter().map(|(name, value)| format!("{name} {value}")).collect::<Vec<_>>().join("\n");
+    let capabilities = match manifest.kind {
+        ModelKind::Chat => vec!["completion".to_string()],
+        ModelKind::Embedding => vec!["embedding".to_string()],
+    };
+    let modified = resolved.layers.last().map(|p| p.created_at).unwrap_or(manifest.created_at);
+    let response = ShowResponse {
+        modelfile: modelfile.render(),
+        parameters,
+        template,
+        system: modelfile.system.clone(),
+        license: (!modelfile.license.is_empty()).then(|| modelfile.license.join("\n")),
+        details: details_of(&resolved.base),
+        model_info: serde_json::json!({
+            "general.source": manifest.source,
+            "general.format": manifest.format.as_str(),
+            "general.source_format": manifest.source_format.as_str(),
+            "general.size": manifest.size,
+            "general.digest": manifest.digest,
+            "mlxserver.base_model": manifest.name,
+            "context_length": resolved.base.context_length(),
+        }),
+        capabilities,
+        modified_at: modified.to_rfc3339(),
+    };
+    Ok(json_response(StatusCode::OK, &response))
+}
+
+/// List the models loaded now.
+#[utoipa::path(get, path = "/api/ps", tag = "ollama", responses((status = 200, body = ProcessResponse)))]
+pub async fn ps(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let stats = state.service.engine.stats().await;
+    let gpu = state.service.engine.backend() != crate::engine::Backend::Cpu;
+    let models = state
+        .service
+        .scheduler
+        .loaded()
+        .into_iter()
+        .map(|loaded| {
+            let base = state.service.store.resolve(&loaded.name).ok().map(|r| r.base);
+            let size = loaded.bytes + stats.cache_bytes.get(&loaded.id).copied().unwrap_or(0);
+            ProcessModel {
+                name: format!("{}:latest", loaded.name),
+                model: format!("{}:latest", loaded.name),
+                size,
+                digest: base.as_ref().map(|b| b.manifest.digest.trim_start_matches("sha256:").to_string()).unwrap_or_default(),
+                details: base.as_ref().map(details_of).unwrap_or_default(),
+                expires_at: rfc3339(loaded.expires_at.unwrap_or(SystemTime::now() + Duration::from_secs(100 * 365 * 24 * 3600))),
+                size_vram: if gpu { size } else { 0 },
+                busy: loaded.busy,
+            }
+        })
+        .collect();
+    Ok(json_response(StatusCode::OK, &ProcessResponse { models }))
+}
+
+/// Copy a model or personality.
+#[utoipa::path(post, path = "/api/copy", tag = "ollama", request_body = CopyRequest,
+    responses((status = 200, description = "Copied"), (status = 404, body = super::error::SimpleErrorBody)))]
+pub async fn copy(State(state): State<AppState>, ApiJson(request): ApiJson<CopyRequest>) -> Result<Response, ApiError> {
+    let store = state.service.store.clone();
+    tokio::task::spawn_blocking(move || store.copy(&request.source, &request.destination))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))??;
+    Ok(StatusCode::OK.into_response())
+}
+
+/// Delete a model or personality.
+#[utoipa::path(delete, path = "/api/delete", tag = "ollama", request_body = DeleteRequest,
+    responses((status = 200, description = "Deleted"), (status = 404, body = super::error::SimpleErrorBody)))]
+pub async fn remove(State(state): State<AppState>, ApiJson(request): ApiJson<DeleteRequest>) -> Result<Response, ApiError> {
+    if let Ok(resolved) = state.service.resolve(&request.model) {
+        if resolved.layers.is_empty() {
+            state.service.unload(&resolved).await;
+        }
+    }
+    let store = state.service.store.clone();
+    tokio::task::spawn_blocking(move || store.remove(&request.model, false))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))??;
+    Ok(StatusCode::OK.into_response())
+}
+
+/// Create a personality from a base model (JSON fields or a Modelfile).
+#[utoipa::path(post, path = "/api/create", tag = "ollama", request_body = CreateRequest,
+    responses((status = 200, description = "Progress objects", body = ProgressResponse), (status = 400, body = super::error::SimpleErrorBody)))]
+pub async fn create(State(state): State<AppState>, ApiJson(request): ApiJson<CreateRequest>) -> Result<Response, ApiError> {
+    if request.quantize.is_some() {
+        return Err(ApiError::invalid_param("quantize", "quantize while creating is not supported; use mlxserver quantize"));
+    }
+    let modelfile = super::create_modelfile(&request)?;
+    let store = state.service.store.clone();
+    let name = request.model.clone();
+    tokio::task::spawn_blocking(move || store.create_personality(&name, modelfile))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))??;
+    let statuses = vec![
+        ProgressResponse { status: "using existing layers".into(), ..Default::default() },
+        ProgressResponse { status: "writing manifest".into(), ..Default::default() },
+        ProgressResponse { status: "success".into(), ..Default::default() },
+    ];
+    if request.stream.unwrap_or(true) {
+        Ok(ndjson(futures::stream::iter(statuses)))
+    } else {
+        Ok(json_response(StatusCode::OK, &ProgressResponse { status: "success".into(), ..Default::default() }))
+    }
+}
+
+/// Sends pull progress as Ollama's progress objects.
+struct ProgressSender(tokio::sync::mpsc::UnboundedSender<ProgressResponse>, std::sync::Mutex<std::collections::HashMap<String, u64>>);
+
+impl ProgressSender {
+    fn digest(file: &str) -> String {
+        use sha2::Digest;
+        format!("sha256:{}", hex::encode(sha2::Sha256::digest(file.as_bytes())))
+    }
+}
+
+impl crate::store::pull::PullProgress for ProgressSender {
+    fn status(&self, status: &str) {
+        let _ = self.0.send(ProgressResponse { status: status.to_string(), ..Default::default() });
+    }
+    fn file_started(&self, file: &str, total: u64) {
+        if let Ok(mut totals) = self.1.lock() {
+            totals.insert(file.to_string(), total);
+        }
+        let _ = self.0.send(ProgressResponse { status: format!("pulling {file}"), digest: Some(Self::digest(file)), total: Some(total), completed: Some(0) });
+    }
+    fn file_progress(&self, file: &str, completed: u64) {
+        let total = self.1.lock().ok().and_then(|t| t.get(file).copied());
+        let _ = self.0.send(ProgressResponse { status: format!("pulling {file}"), digest: Some(Self::digest(file)), total, completed: Some(completed) });
+    }
+}
+
+/// Download a model from Hugging Face (`owner/repo[:revision]`) into the store.
+#[utoipa::path(post, path = "/api/pull", tag = "ollama", request_body = PullRequest,
+    responses((status = 200, description = "Progress objects (NDJSON), or the final one when stream is false", body = ProgressResponse),
+              (status = 400, body = super::error::SimpleErrorBody), (status = 404, body = super::error::SimpleErrorBody)))]
+pub async fn pull(State(state): State<AppState>, ApiJson(request): ApiJson<PullRequest>) -> Result<Response, ApiError> {
+    // Local paths are for the CLI: the API only pulls from the Hub.
+    let spec = crate::store::pull::RepoSpec::parse(&request.model)?;
+    let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel();
+    let service = state.service.clone();
+    let task = tokio::spawn(async move {
+        let progress = ProgressSender(sender, Default::default());
+        let options = crate::store::pull::PullOptions::default();
+        crate::store::pull::pull(&service.store, &service.engine, &format!("{}:{}", spec.id, spec.revision), &options, &progress).await
+    });
+    if request.stream.unwrap_or(true) {
+        let stream = async_stream::stream! {
+            while let Some(progress) = receiver.recv().await {
+                yield serde_json::to_value(progress).unwrap_or_default();
+            }
+            match task.await {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => yield serde_json::json!({"error": error.to_string()}),
+                Err(error) => yield serde_json::json!({"error": error.to_string()}),
+            }
+        };
+        return Ok(ndjson(stream));
+    }
+    while receiver.recv().await.is_some() {}
+    match task.await {
+        Ok(Ok(_)) => Ok(json_response(StatusCode::OK, &ProgressResponse { status: "success".into(), ..Default::default() })),
+        Ok(Err(error)) => Err(pull_error(error)),
+        Err(error) => Err(ApiError::internal(error.to_string())),
+    }
+}
+
+fn pull_error(error: crate::store::pull::PullError) -> ApiError {
+    use crate::store::pull::PullError;
+    match error {
+        PullError::Store(error) => error.into(),
+        PullError::NotFound(_) => ApiError::not_found(error.to_string()),
+        PullError::Gated(_) => ApiError::new(StatusCode::FORBIDDEN, "invalid_request_error", error.to_string()),
+        PullError::Unsupported { .. } => ApiError::bad_request(error.to_string()),
+        PullError::Download { .. } | PullError::Digest { .. } => ApiError::new(StatusCode::BAD_GATEWAY, "server_error", error.to_string()),
+        PullError::Convert(_) => ApiError::internal(error.to_string()),
+    }
+}

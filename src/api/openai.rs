@@ -1,0 +1,606 @@
+//! OpenAI-compatible routes under `/v1`, using async-openai's wire types so our JSON is the
+//! SDKs' own. Streams are SSE `data:` chunks ending with `data: [DONE]`; an error after the
+//! first chunk becomes an OpenAI-shaped error event.
+
+use std::convert::Infallible;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_openai::types::chat::{
+    ChatChoice, ChatChoiceLogprobs, ChatChoiceStream, ChatCompletionRequestAssistantMessageContent,
+    ChatCompletionRequestAssistantMessageContentPart, ChatCompletionRequestDeveloperMessageContent,
+    ChatCompletionRequestDeveloperMessageContentPart, ChatCompletionRequestMessage, ChatCompletionRequestSystemMessageContent,
+    ChatCompletionRequestSystemMessageContentPart, ChatCompletionRequestToolMessageContent,
+    ChatCompletionRequestUserMessageContent, ChatCompletionRequestUserMessageContentPart, ChatCompletionResponseMessage,
+    ChatCompletionStreamResponseDelta, ChatCompletionTokenLogprob, CompletionUsage, CreateChatCompletionRequest,
+    CreateChatCompletionResponse, CreateChatCompletionStreamResponse, FinishReason as OpenAiFinishReason, ResponseFormat,
+    Role, StopConfiguration, TopLogprobs,
+};
+use async_openai::types::chat::{Choice, CompletionFinishReason, Prompt};
+use async_openai::types::completions::{CreateCompletionRequest, CreateCompletionResponse};
+use async_openai::types::embeddings::{
+    CreateEmbeddingRequest, CreateEmbeddingResponse, Embedding, EmbeddingInput, EmbeddingUsage, EncodingFormat,
+};
+use async_openai::types::models::{ListModelResponse, Model};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use base64::Engine as _;
+use futures::Stream;
+use serde::Deserialize;
+
+use super::error::{json_response, ApiError, ApiJson, Family};
+use super::AppState;
+use crate::engine::{EngineEvent, FinishReason, TokenLogprob};
+use crate::service::{self, ChatMessage, Collected, Generation, Options, RagOptions};
+use crate::store::{Entry, Parameters};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{*id}", get(get_model))
+}
+
+fn unix_seconds(time: SystemTime) -> u32 {
+    time.duration_since(UNIX_EPOCH).map(|d| d.as_secs() as u32).unwrap_or(0)
+}
+
+/// A chat completion request with the extensions mlxserver accepts beside OpenAI's fields.
+#[derive(Debug, Deserialize)]
+pub struct ChatCompletionBody {
+    #[serde(flatten)]
+    pub request: CreateChatCompletionRequest,
+    /// Ollama-style sampling extras some clients send.
+    pub top_k: Option<usize>,
+    pub min_p: Option<f32>,
+    pub repeat_penalty: Option<f32>,
+    /// Ollama-style `keep_alive`.
+    pub keep_alive: Option<super::ollama_types::KeepAliveValue>,
+    /// Retrieval-augmented generation (mlxserver extension, via `extra_body`).
+    pub rag: Option<serde_json::Value>,
+}
+
+fn text_of_parts<T>(parts: &[T], text: impl Fn(&T) -> Option<&str>) -> Result<String, ApiError> {
+    let mut out = String::new();
+    for part in parts {
+        match text(part) {
+            Some(piece) => out.push_str(piece),
+            None => return Err(ApiError::invalid_param("messages", "only text content parts are supported")),
+        }
+    }
+    Ok(out)
+}
+
+fn messages_of(messages: &[ChatCompletionRequestMessage]) -> Result<Vec<ChatMessage>, ApiError> {
+    let mut out = Vec::with_capacity(messages.len());
+    for message in messages {
+        let converted = match message {
+            ChatCompletionRequestMessage::System(m) => ChatMessage::new(
+                "system",
+                match &m.content {
+                    ChatCompletionRequestSystemMessageContent::Text(text) => text.clone(),
+                    ChatCompletionRequestSystemMessageContent::Array(parts) => text_of_parts(parts, |p| match p {
+                        ChatCompletionRequestSystemMessageContentPart::Text(t) => Some(t.text.as_str()),
+                    })?,
+                },
+            ),
+            ChatCompletionRequestMessage::Developer(m) => ChatMessage::new(
+                "system",
+                match &m.content {
+                    ChatCompletionRequestDeveloperMessageContent::Text(text) => text.clone(),
+                    ChatCompletionRequestDeveloperMessageContent::Array(parts) => text_of_parts(parts, |p| match p {
+                        ChatCompletionRequestDeveloperMessageContentPart::Text(t) => Some(t.text.as_str()),
+                    })?,
+                },
+            ),
+            ChatCompletionRequestMessage::User(m) => ChatMessage::new(
+                "user",
+                match &m.content {
+                    ChatCompletionRequestUserMessageContent::Text(text) => text.clone(),
+                    ChatCompletionRequestUserMessageContent::Array(parts) => text_of_parts(parts, |p| match p {
+                        ChatCompletionRequestUserMessageContentPart::Text(t) => Some(t.text.as_str()),
+                        _ => None,
+                    })?,
+                },
+            ),
+            ChatCompletionRequestMessage::Assistant(m) => ChatMessage::new(
+                "assistant",
+                match &m.content {
+                    Some(ChatCompletionRequestAssistantMessageContent::Text(text)) => text.clone(),
+                    Some(ChatCompletionRequestAssistantMessageContent::Array(parts)) => text_of_parts(parts, |p| match p {
+                        ChatCompletionRequestAssistantMessageContentPart::Text(t) => Some(t.text.as_str()),
+                        _ => None,
+                    })?,
+                    None => String::new(),
+                },
+            ),
+            ChatCompletionRequestMessage::Tool(m) => ChatMessage::new(
+                "tool",
+                match &m.content {
+                    ChatCompletionRequestToolMessageContent::Text(text) => text.clone(),
+                    ChatCompletionRequestToolMessageContent::Array(parts) => parts.iter().map(|p| serde_json::to_string(p).unwrap_or_default()).collect(),
+                },
+            ),
+            ChatCompletionRequestMessage::Function(m) => ChatMessage::new("tool", m.content.clone().unwrap_or_default()),
+        };
+        out.push(converted);
+    }
+    Ok(out)
+}
+
+fn stops(stop: &Option<StopConfiguration>) -> Vec<String> {
+    match stop {
+        Some(StopConfiguration::String(text)) => vec![text.clone()],
+        Some(StopConfiguration::StringArray(list)) => list.clone(),
+        None => Vec::new(),
+    }
+}
+
+fn check_range(param: &str, value: Option<f32>, range: std::ops::RangeInclusive<f32>) -> Result<(), ApiError> {
+    match value {
+        Some(v) if !range.contains(&v) || v.is_nan() => {
+            Err(ApiError::invalid_param(param, format!("{param} must be between {} and {}", range.start(), range.end())))
+        }
+        _ => Ok(()),
+    }
+}
+
+#[allow(deprecated)]
+fn chat_options(body: &ChatCompletionBody) -> Result<Options, ApiError> {
+    let request = &body.request;
+    if request.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::invalid_param("n", "only n = 1 is supported"));
+    }
+    check_range("temperature", request.temperature, 0.0..=2.0)?;
+    check_range("top_p", request.top_p, 0.0..=1.0)?;
+    check_range("presence_penalty", request.presence_penalty, -2.0..=2.0)?;
+    check_range("frequency_penalty", request.frequency_penalty, -2.0..=2.0)?;
+    match &request.response_format {
+        None | Some(ResponseFormat::Text) => {}
+        Some(_) => return Err(ApiError::invalid_param("response_format", "structured output (response_format) is not supported yet")),
+    }
+    if request.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+        return Err(ApiError::invalid_param("tools", "tool calling is not supported yet"));
+    }
+    let top_logprobs = request.top_logprobs.map(usize::from);
+    if top_logprobs.is_some_and(|n| n > 20) {
+        return Err(ApiError::invalid_param("top_logprobs", "top_logprobs must be between 0 and 20"));
+    }
+    if top_logprobs.is_some() && request.logprobs != Some(true) {
+        return Err(ApiError::invalid_param("top_logprobs", "top_logprobs needs logprobs: true"));
+    }
+    let max_tokens = request.max_completion_tokens.or(request.max_tokens);
+    let parameters = Parameters {
+        temperature: request.temperature,
+        top_p: request.top_p,
+        top_k: body.top_k,
+        min_p: body.min_p,
+        repeat_penalty: body.repeat_penalty,
+        presence_penalty: request.presence_penalty,
+        frequency_penalty: request.frequency_penalty,
+        seed: request.seed.map(|s| s as u64),
+        num_predict: max_tokens.map(i64::from),
+        stop: stops(&request.stop),
+        ..Default::default()
+    };
+    let logprobs = (request.logprobs == Some(true)).then(|| top_logprobs.unwrap_or(0));
+    Ok(Options { parameters, logprobs })
+}
+
+fn finish_reason(reason: FinishReason) -> OpenAiFinishReason {
+    match reason {
+        FinishReason::Stop => OpenAiFinishReason::Stop,
+        FinishReason::Length => OpenAiFinishReason::Length,
+    }
+}
+
+fn usage(prompt: usize, completion: usize) -> CompletionUsage {
+    CompletionUsage { prompt_tokens: prompt as u32, completion_tokens: completion as u32, total_tokens: (prompt + completion) as u32, ..Default::default() }
+}
+
+fn token_logprob(tokenizer: &tokenizers::Tokenizer, text: &str, logprob: &TokenLogprob) -> ChatCompletionTokenLogprob {
+    let token_text = |id: u32| tokenizer.decode(&[id], false).unwrap_or_default();
+    let shown = if text.is_empty() { token_text(logprob.token) } else { text.to_string() };
+    ChatCompletionTokenLogprob {
+        bytes: Some(shown.as_bytes().to_vec()),
+        token: shown,
+        logprob: logprob.logprob,
+        top_logprobs: logprob
+            .top
+            .iter()
+            .map(|top| {
+                let text = token_text(top.token);
+                TopLogprobs { bytes: Some(text.as_bytes().to_vec()), token: text, logprob: top.logprob }
+            })
+            .collect(),
+    }
+}
+
+/// An OpenAI error as an SSE event (after the stream has started).
+fn error_event(error: &impl std::fmt::Display) -> Event {
+    let body = ApiError::internal(error.to_string()).body(Family::OpenAi);
+    Event::default().data(body.to_string())
+}
+
+fn sse<S>(stream: S) -> Response
+where
+    S: Stream<Item = Event> + Send + 'static,
+{
+    use futures::StreamExt;
+    Sse::new(stream.map(Ok::<_, Infallible>)).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response()
+}
+
+/// Create a chat completion.
+#[utoipa::path(post, path = "/v1/chat/completions", tag = "openai", request_body = CreateChatCompletionRequest,
+    responses((status = 200, description = "A completion, or an SSE stream of chunks when stream is true", body = CreateChatCompletionResponse),
+              (status = 400, body = super::error::OpenAiErrorBody), (status = 401, body = super::error::OpenAiErrorBody),
+              (status = 404, body = super::error::OpenAiErrorBody), (status = 503, body = super::error::OpenAiErrorBody)))]
+pub async fn chat_completions(State(state): State<AppState>, ApiJson(body): ApiJson<ChatCompletionBody>) -> Result<Response, ApiError> {
+    let options = chat_options(&body)?;
+    let request = &body.request;
+    let messages = messages_of(&request.messages)?;
+    if messages.is_empty() {
+        return Err(ApiError::invalid_param("messages", "messages must not be empty"));
+    }
+    let keep_alive = body.keep_alive.as_ref().map(|k| k.parse().map_err(|e| ApiError::invalid_param("keep_alive", e))).transpose()?;
+    let stream = request.stream.unwrap_or(false);
+    let include_usage = request.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
+    let rag = body.rag.as_ref().map(RagOptions::from_value).transpose().map_err(|e| ApiError::invalid_param("rag", e))?.flatten();
+    let rag_asked = rag.is_some();
+    let (generation, frontend) = state
+        .service
+        .chat(service::ChatRequest { model: request.model.clone(), messages, options, keep_alive, rag })
+        .await?;
+    let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
+    if stream {
+        return Ok(sse(chat_stream(generation, frontend.tokenizer.clone(), id, include_usage, rag_asked)));
+    }
+    let rag_value = rag_asked.then(|| serde_json::json!({ "sources": generation.sources }));
+    let model = generation.model.clone();
+    let created = unix_seconds(generation.created);
+    let Collected { text, logprobs, completion } = generation.collect(None).await?;
+    let logprobs = (!logprobs.is_empty()).then(|| ChatChoiceLogprobs {
+        content: Some(logprobs.iter().map(|(_, lp)| token_logprob(&frontend.tokenizer, "", lp)).collect()),
+        refusal: None,
+    });
+    let response = CreateChatCompletionResponse {
+        id,
+        object: "chat.completion".into(),
+        created,
+        model,
+        choices: vec![ChatChoice {
+            index: 0,
+            message: ChatCompletionResponseMessage { content: Some(text), role: Role::Assistant, ..Default::default() },
+            finish_reason: Some(finish_reason(completion.finish_reason)),
+            logprobs,
+        }],
+        usage: Some(usage(completion.prompt_tokens, completion.completion_tokens)),
+        ..Default::default()
+    };
+    match rag_value {
+        // The sources travel in an extra field that OpenAI SDKs keep (`model_extra`).
+        Some(rag) => {
+            let mut value = serde_json::to_value(&response).map_err(|e| ApiError::internal(e.to_string()))?;
+            value["rag"] = rag;
+            Ok(json_response(StatusCode::OK, &value))
+        }
+        None => Ok(json_response(StatusCode::OK, &response)),
+    }
+}
+
+fn chat_chunk(id: &str, model: &str, created: u32, delta: ChatCompletionStreamResponseDelta, finish: Option<OpenAiFinishReason>, logprobs: Option<ChatChoiceLogprobs>) -> Event {
+    let chunk = CreateChatCompletionStreamResponse {
+        id: id.to_string(),
+        object: "chat.completion.chunk".into(),
+        created,
+        model: model.to_string(),
+        choices: vec![ChatChoiceStream { index: 0, delta, finish_reason: finish, logprobs }],
+        ..Default::default()
+    };
+    Event::default().data(serde_json::to_string(&chunk).unwrap_or_default())
+}
+
+fn chat_stream(mut generation: Generation, tokenizer: std::sync::Arc<tokenizers::Tokenizer>, id: String, include_usage: bool, rag_asked: bool) -> impl Stream<Item = Event> + Send + 'static {
+    async_stream::stream! {
+        let model = generation.model.clone();
+        let created = unix_seconds(generation.created);
+        let role = ChatCompletionStreamResponseDelta { role: Some(Role::Assistant), content: Some(String::new()), ..Default::default() };
+        yield chat_chunk(&id, &model, created, role, None, None);
+        while let Some(event) = generation.next().await {
+            match event {
+                EngineEvent::Token { text, logprob, .. } => {
+                    let logprobs = logprob.map(|lp| ChatChoiceLogprobs { content: Some(vec![token_logprob(&tokenizer, &text, &lp)]), refusal: None });
+                    if text.is_empty() && logprobs.is_none() { continue; }
+                    let delta = ChatCompletionStreamResponseDelta { content: Some(text), ..Default::default() };
+                    yield chat_chunk(&id, &model, created, delta, None, logprobs);
+                }
+                EngineEvent::Done(completion) => {
+                    let last = chat_chunk(&id, &model, created, ChatCompletionStreamResponseDelta::default(), Some(finish_reason(completion.finish_reason)), None);
+                    if rag_asked {
+                        let chunk = CreateChatCompletionStreamResponse {
+                            id: id.clone(),
+                            object: "chat.completion.chunk".into(),
+                            created,
+                            model: model.clone(),
+                            choices: vec![ChatChoiceStream { index: 0, delta: ChatCompletionStreamResponseDelta::default(), finish_reason: Some(finish_reason(completion.finish_reason)), logprobs: None }],
+                            ..Default::default()
+                        };
+                        let mut value = serde_json::to_value(&chunk).unwrap_or_default();
+                        value["rag"] = serde_json::json!({ "sources": generation.sources });
+                        yield Event::default().data(value.to_string());
+                    } else {
+                        yield last;
+                    }
+                    if include_usage {
+                        let chunk = CreateChatCompletionStreamResponse {
+                            id: id.clone(),
+                            object: "chat.completion.chunk".into(),
+                            created,
+                            model: model.clone(),
+                            choices: Vec::new(),
+                            usage: Some(usage(completion.prompt_tokens, completion.completion_tokens)),
+                            ..Default::default()
+                        };
+                        yield Event::default().data(serde_json::to_string(&chunk).unwrap_or_default());
+                    }
+                    break;
+                }
+                EngineEvent::Error(error) => {
+                    yield error_event(&error);
+                    break;
+                }
+            }
+        }
+        yield Event::default().data("[DONE]");
+    }
+}
+
+/// A completion request with mlxserver's extensions.
+#[derive(Debug, Deserialize)]
+pub struct CompletionBody {
+    #[serde(flatten)]
+    pub request: CreateCompletionRequest,
+    pub top_k: Option<usize>,
+    pub min_p: Option<f32>,
+    pub repeat_penalty: Option<f32>,
+    pub keep_alive: Option<super::ollama_types::KeepAliveValue>,
+}
+
+/// Create a completion of a prompt (no chat template).
+#[utoipa::path(post, path = "/v1/completions", tag = "openai", request_body = CreateCompletionRequest,
+    responses((status = 200, description = "A completion, or an SSE stream when stream is true", body = CreateCompletionResponse),
+              (status = 400, body = super::error::OpenAiErrorBody), (status = 404, body = super::error::OpenAiErrorBody)))]
+pub async fn completions(State(state): State<AppState>, ApiJson(body): ApiJson<CompletionBody>) -> Result<Response, ApiError> {
+    let request = &body.request;
+    let prompt = match &request.prompt {
+        Prompt::String(text) => text.clone(),
+        Prompt::StringArray(list) if list.len() == 1 => list[0].clone(),
+        _ => return Err(ApiError::invalid_param("prompt", "prompt must be one string")),
+    };
+    if request.n.is_some_and(|n| n != 1) || request.best_of.is_some_and(|n| n > 1) {
+        return Err(ApiError::invalid_param("n", "only n = 1 is supported"));
+    }
+    if request.echo == Some(true) {
+        return Err(ApiError::invalid_param("echo", "echo is not supported"));
+    }
+    if request.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::invalid_param("suffix", "suffix is not supported"));
+    }
+    check_range("temperature", request.temperature, 0.0..=2.0)?;
+    check_range("top_p", request.top_p, 0.0..=1.0)?;
+    let parameters = Parameters {
+        temperature: request.temperature,
+        top_p: request.top_p,
+        top_k: body.top_k,
+        min_p: body.min_p,
+        repeat_penalty: body.repeat_penalty,
+        presence_penalty: request.presence_penalty,
+        frequency_penalty: request.frequency_penalty,
+        seed: request.seed.map(|s| s as u64),
+        num_predict: Some(i64::from(request.max_tokens.unwrap_or(16))),
+        stop: stops(&request.stop),
+        ..Default::default()
+    };
+    let keep_alive = body.keep_alive.as_ref().map(|k| k.parse().map_err(|e| ApiError::invalid_param("keep_alive", e))).transpose()?;
+    let (generation, _) = state
+        .service
+        .complete(service::CompletionRequest {
+            model: request.model.clone(),
+            prompt,
+            raw: true,
+            options: Options { parameters, logprobs: None },
+            keep_alive,
+            ..Default::default()
+        })
+        .await?;
+    let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
+    let include_usage = request.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
+    if request.stream.unwrap_or(false) {
+        return Ok(sse(completion_stream(generation, id, include_usage)));
+    }
+    let model = generation.model.clone();
+    let created = unix_seconds(generation.created);
+    let collected = generation.collect(None).await?;
+    #[allow(deprecated)]
+    let response = CreateCompletionResponse {
+        id,
+        object: "text_completion".into(),
+        created,
+        model,
+        choices: vec![Choice { text: collected.text, index: 0, logprobs: None, finish_reason: Some(completion_finish(collected.completion.finish_reason)) }],
+        usage: Some(usage(collected.completion.prompt_tokens, collected.completion.completion_tokens)),
+        system_fingerprint: None,
+    };
+    Ok(json_response(StatusCode::OK, &response))
+}
+
+fn completion_finish(reason: FinishReason) -> CompletionFinishReason {
+    match reason {
+        FinishReason::Stop => CompletionFinishReason::Stop,
+        FinishReason::Length => CompletionFinishReason::Length,
+    }
+}
+
+fn completion_stream(mut generation: Generation, id: String, include_usage: bool) -> impl Stream<Item = Event> + Send + 'static {
+    async_stream::stream! {
+        let model = generation.model.clone();
+        let created = unix_seconds(generation.created);
+        let chunk = |text: String, finish: Option<CompletionFinishReason>, usage: Option<CompletionUsage>, choices: bool| {
+            let value = serde_json::json!({
+                "id": id, "object": "text_completion", "created": created, "model": model,
+                "choices": if choices { serde_json::json!([{"text": text, "index": 0, "logprobs": null, "finish_reason": finish}]) } else { serde_json::json!([]) },
+                "usage": usage,
+            });
+            Event::default().data(value.to_string())
+        };
+        while let Some(event) = generation.next().await {
+            match event {
+                EngineEvent::Token { text, .. } => {
+                    if text.is_empty() { continue; }
+                    yield chunk(text, None, None, true);
+                }
+                EngineEvent::Done(completion) => {
+                    yield chunk(String::new(), Some(completion_finish(completion.finish_reason)), None, true);
+                    if include_usage {
+                        yield chunk(String::new(), None, Some(usage(completion.prompt_tokens, completion.completion_tokens)), false);
+                    }
+                    break;
+                }
+                EngineEvent::Error(error) => {
+                    yield error_event(&error);
+                    break;
+                }
+            }
+        }
+        yield Event::default().data("[DONE]");
+    }
+}
+
+/// OpenAI's embedding request, for the OpenAPI document (async-openai's type has no schema).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct EmbeddingRequestSchema {
+    #[schema(example = "all-MiniLM-L6-v2")]
+    model: String,
+    /// A string or a list of strings.
+    #[schema(value_type = Object)]
+    input: serde_json::Value,
+    /// `float` (default) or `base64`.
+    encoding_format: Option<String>,
+    /// Must equal the model's dimension when given.
+    dimensions: Option<u32>,
+    user: Option<String>,
+}
+
+/// OpenAI's embedding response, for the OpenAPI document.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct EmbeddingResponseSchema {
+    #[schema(example = "list")]
+    object: String,
+    model: String,
+    /// `{"object": "embedding", "index": 0, "embedding": [...]}` per input.
+    #[schema(value_type = Vec<Object>)]
+    data: Vec<serde_json::Value>,
+    #[schema(value_type = Object)]
+    usage: serde_json::Value,
+}
+
+/// Create embeddings.
+#[utoipa::path(post, path = "/v1/embeddings", tag = "openai", request_body = EmbeddingRequestSchema,
+    responses((status = 200, body = EmbeddingResponseSchema), (status = 400, body = super::error::OpenAiErrorBody), (status = 404, body = super::error::OpenAiErrorBody)))]
+pub async fn embeddings(State(state): State<AppState>, ApiJson(request): ApiJson<CreateEmbeddingRequest>) -> Result<Response, ApiError> {
+    let inputs = match request.input {
+        EmbeddingInput::String(text) => vec![text],
+        EmbeddingInput::StringArray(list) => list,
+        _ => return Err(ApiError::invalid_param("input", "token-id inputs are not supported; send text")),
+    };
+    if inputs.is_empty() {
+        return Err(ApiError::invalid_param("input", "input must not be empty"));
+    }
+    let result = state.service.embed(&request.model, &inputs, true, None).await?;
+    let native = result.vectors.first().map_or(0, Vec::len);
+    if let Some(dimensions) = request.dimensions {
+        if dimensions as usize != native {
+            return Err(ApiError::invalid_param("dimensions", format!("this model produces {native} dimensions; other sizes are not supported")));
+        }
+    }
+    let usage = EmbeddingUsage { prompt_tokens: result.prompt_tokens as u32, total_tokens: result.prompt_tokens as u32 };
+    if matches!(request.encoding_format, Some(EncodingFormat::Base64)) {
+        let data: Vec<serde_json::Value> = result
+            .vectors
+            .iter()
+            .enumerate()
+            .map(|(index, vector)| {
+                let bytes: Vec<u8> = vector.iter().flat_map(|v| v.to_le_bytes()).collect();
+                serde_json::json!({"object": "embedding", "index": index, "embedding": base64::engine::general_purpose::STANDARD.encode(bytes)})
+            })
+            .collect();
+        let body = serde_json::json!({"object": "list", "model": result.model, "data": data, "usage": usage});
+        return Ok(json_response(StatusCode::OK, &body));
+    }
+    let response = CreateEmbeddingResponse {
+        object: "list".into(),
+        model: result.model,
+        data: result.vectors.into_iter().enumerate().map(|(index, embedding)| Embedding { index: index as u32, object: "embedding".into(), embedding }).collect(),
+        usage,
+    };
+    Ok(json_response(StatusCode::OK, &response))
+}
+
+/// OpenAI's model object, for the OpenAPI document (async-openai's type has no schema).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct ModelSchema {
+    #[schema(example = "SmolLM2-135M-Instruct")]
+    id: String,
+    #[schema(example = "model")]
+    object: String,
+    /// Unix seconds.
+    created: u32,
+    #[schema(example = "mlxserver")]
+    owned_by: String,
+}
+
+/// OpenAI's model list, for the OpenAPI document.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct ModelListSchema {
+    #[schema(example = "list")]
+    object: String,
+    data: Vec<ModelSchema>,
+}
+
+fn model_object(id: String, created: chrono::DateTime<chrono::Utc>) -> Model {
+    Model { id, object: "model".into(), created: created.timestamp().max(0) as u32, owned_by: "mlxserver".into(), ..Default::default() }
+}
+
+/// List models and personalities.
+#[utoipa::path(get, path = "/v1/models", tag = "openai", responses((status = 200, body = ModelListSchema)))]
+pub async fn list_models(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let data = state
+        .service
+        .store
+        .list()?
+        .into_iter()
+        .map(|entry| match entry {
+            Entry::Base(base) => model_object(base.manifest.name, base.manifest.created_at),
+            Entry::Personality(personality) => model_object(personality.name, personality.created_at),
+        })
+        .collect();
+    Ok(json_response(StatusCode::OK, &ListModelResponse { object: "list".into(), data }))
+}
+
+/// Retrieve one model.
+#[utoipa::path(get, path = "/v1/models/{id}", tag = "openai", params(("id" = String, Path, description = "Model or personality name")),
+    responses((status = 200, body = ModelSchema), (status = 404, body = super::error::OpenAiErrorBody)))]
+pub async fn get_model(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let resolved = state.service.resolve(&id)?;
+    let created = resolved.layers.last().map(|p| p.created_at).unwrap_or(resolved.base.manifest.created_at);
+    Ok(json_response(StatusCode::OK, &model_object(resolved.name, created)))
+}

@@ -1,0 +1,162 @@
+//! Prometheus metrics: counters and histograms recorded as requests run, rendered in the
+//! text exposition format at `/metrics` together with gauges read at scrape time.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Upper bounds (seconds) of the latency histograms.
+const TTFT_BUCKETS: &[f64] = &[0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+const TOKEN_BUCKETS: &[f64] = &[0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0];
+
+#[derive(Debug, Clone, Default)]
+struct Histogram {
+    bounds: &'static [f64],
+    counts: Vec<u64>,
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Histogram { bounds, counts: vec![0; bounds.len()], sum: 0.0, count: 0 }
+    }
+
+    fn observe(&mut self, value: f64) {
+        for (bound, count) in self.bounds.iter().zip(&mut self.counts) {
+            if value <= *bound {
+                *count += 1;
+            }
+        }
+        self.sum += value;
+        self.count += 1;
+    }
+
+    fn render(&self, name: &str, out: &mut String) {
+        for (bound, count) in self.bounds.iter().zip(&self.counts) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {count}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(out, "{name}_sum {}", self.sum);
+        let _ = writeln!(out, "{name}_count {}", self.count);
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    requests: BTreeMap<(String, String, u16), u64>,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    ttft: Histogram,
+    token_latency: Histogram,
+}
+
+/// The server's metrics; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            inner: Arc::new(Mutex::new(Inner {
+                requests: BTreeMap::new(),
+                prompt_tokens: 0,
+                completion_tokens: 0,
+                ttft: Histogram::new(TTFT_BUCKETS),
+                token_latency: Histogram::new(TOKEN_BUCKETS),
+            })),
+        }
+    }
+}
+
+/// Values read when `/metrics` is scraped.
+#[derive(Debug, Clone, Default)]
+pub struct Gauges {
+    pub loaded_models: usize,
+    pub queue_depth: usize,
+    pub memory_bytes: u64,
+    pub prefix_hits: u64,
+    pub prefix_misses: u64,
+    pub prefix_reused_tokens: u64,
+    pub prefix_bytes: u64,
+}
+
+fn escape(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+impl Metrics {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn request(&self, method: &str, route: &str, status: u16) {
+        *self.lock().requests.entry((method.to_string(), route.to_string(), status)).or_default() += 1;
+    }
+
+    /// One finished generation: its token counts, time to first token, and decode time.
+    pub fn generation(&self, prompt_tokens: usize, completion_tokens: usize, ttft: Option<Duration>, eval: Duration) {
+        let mut inner = self.lock();
+        inner.prompt_tokens += prompt_tokens as u64;
+        inner.completion_tokens += completion_tokens as u64;
+        if let Some(ttft) = ttft {
+            inner.ttft.observe(ttft.as_secs_f64());
+        }
+        if completion_tokens > 1 {
+            inner.token_latency.observe(eval.as_secs_f64() / (completion_tokens - 1) as f64);
+        }
+    }
+
+    pub fn render(&self, gauges: &Gauges) -> String {
+        let inner = self.lock();
+        let mut out = String::new();
+        out.push_str("# HELP mlxserver_requests_total HTTP requests by method, route and status.\n# TYPE mlxserver_requests_total counter\n");
+        for ((method, route, status), count) in &inner.requests {
+            let _ = writeln!(out, "mlxserver_requests_total{{method=\"{}\",route=\"{}\",status=\"{status}\"}} {count}", escape(method), escape(route));
+        }
+        out.push_str("# HELP mlxserver_prompt_tokens_total Prompt tokens read.\n# TYPE mlxserver_prompt_tokens_total counter\n");
+        let _ = writeln!(out, "mlxserver_prompt_tokens_total {}", inner.prompt_tokens);
+        out.push_str("# HELP mlxserver_completion_tokens_total Tokens generated.\n# TYPE mlxserver_completion_tokens_total counter\n");
+        let _ = writeln!(out, "mlxserver_completion_tokens_total {}", inner.completion_tokens);
+        out.push_str("# HELP mlxserver_time_to_first_token_seconds Time from request to first token.\n# TYPE mlxserver_time_to_first_token_seconds histogram\n");
+        inner.ttft.render("mlxserver_time_to_first_token_seconds", &mut out);
+        out.push_str("# HELP mlxserver_time_per_output_token_seconds Average decode time per token of a generation.\n# TYPE mlxserver_time_per_output_token_seconds histogram\n");
+        inner.token_latency.render("mlxserver_time_per_output_token_seconds", &mut out);
+        let gauge = |out: &mut String, name: &str, help: &str, value: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+        };
+        gauge(&mut out, "mlxserver_loaded_models", "Models loaded now.", gauges.loaded_models as u64);
+        gauge(&mut out, "mlxserver_queue_depth", "Requests waiting for a model.", gauges.queue_depth as u64);
+        gauge(&mut out, "mlxserver_memory_bytes", "Bytes held by loaded models and caches.", gauges.memory_bytes);
+        gauge(&mut out, "mlxserver_prefix_cache_bytes", "Bytes held by the prefix cache.", gauges.prefix_bytes);
+        let counter = |out: &mut String, name: &str, help: &str, value: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
+        };
+        counter(&mut out, "mlxserver_prefix_cache_hits_total", "Prompts that reused a cached prefix.", gauges.prefix_hits);
+        counter(&mut out, "mlxserver_prefix_cache_misses_total", "Prompts that found no cached prefix.", gauges.prefix_misses);
+        counter(&mut out, "mlxserver_prefix_cache_reused_tokens_total", "Prompt tokens read from the prefix cache.", gauges.prefix_reused_tokens);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_histograms() {
+        let metrics = Metrics::default();
+        metrics.request("POST", "/api/chat", 200);
+        metrics.request("POST", "/api/chat", 200);
+        metrics.generation(10, 5, Some(Duration::from_millis(300)), Duration::from_millis(400));
+        let text = metrics.render(&Gauges { loaded_models: 1, ..Default::default() });
+        assert!(text.contains("mlxserver_requests_total{method=\"POST\",route=\"/api/chat\",status=\"200\"} 2"));
+        assert!(text.contains("mlxserver_time_to_first_token_seconds_bucket{le=\"0.5\"} 1"));
+        assert!(text.contains("mlxserver_time_to_first_token_seconds_bucket{le=\"0.25\"} 0"));
+        assert!(text.contains("mlxserver_loaded_models 1"));
+        assert!(text.contains("mlxserver_completion_tokens_total 5"));
+    }
+}

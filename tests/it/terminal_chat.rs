@@ -1,0 +1,188 @@
+//! `mlxserver run` driven as a person would: a real pseudo-terminal for the interactive chat
+//! (streamed answers, /set, /show, /clear, Ctrl-C in the middle of an answer, /bye), one-shot
+//! and piped modes, with and without a running server, in English and Japanese.
+
+use std::io::Read;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use expectrl::Session;
+
+use crate::common::{stderr, stdout, Home};
+use crate::serving::{home_with_models, start, CHAT};
+
+const ENTER: &str = "\r";
+
+fn chat_session(home: &Home, args: &[&str]) -> Session {
+    let mut command = home.command();
+    command.arg("run").arg(CHAT).args(args);
+    let mut session = Session::spawn(command).expect("spawn run in a pty");
+    session.set_expect_timeout(Some(Duration::from_secs(120)));
+    session
+}
+
+#[test]
+fn interactive_chat_in_english_without_a_server() {
+    let _guard = crate::engine_reference::mlx_lock();
+    let home = home_with_models();
+    let mut chat = chat_session(&home, &[]);
+    chat.expect("No server is running").unwrap();
+    chat.expect("/help").unwrap();
+    chat.expect(">>> ").unwrap();
+    chat.send("/set parameter temperature 0").unwrap();
+    chat.send(ENTER).unwrap();
+    chat.expect("Set parameter temperature to 0.").unwrap();
+    chat.send("What is the capital of France? Answer in one word.").unwrap();
+    chat.send(ENTER).unwrap();
+    chat.expect("Paris").unwrap();
+    chat.expect(">>> ").unwrap();
+
+    chat.send("/set parameter num_predict 3").unwrap();
+    chat.send(ENTER).unwrap();
+    chat.expect("Set parameter num_predict to 3.").unwrap();
+    chat.send("/show parameters").unwrap();
+    chat.send(ENTER).unwrap();
+    chat.expect("num_predict 3").unwrap();
+    chat.send("/set system \"You are a pirate.\"").unwrap();
+    chat.send(ENTER).unwrap();
+    chat.expect("Set the system prompt.").unwrap();
+    chat.send("/show system").unwrap();
+    chat.send(ENTER).unwrap();
+    chat.expect("You are a pirate.").unwrap();
+    chat.send("/clear").unwrap();
+    chat.send(ENTER).unwrap();
+    chat.expect("Cleared the conversation.").unwrap();
+
+    // A long answer, stopped with Ctrl-C; the chat goes on.
+    chat.send("/set parameter num_predict 400").unwrap();
+    chat.send(ENTER).unwrap();
+    chat.expect("Set parameter").unwrap();
+    chat.send("Write a long story about a dragon and a knight.").unwrap();
+    chat.send(ENTER).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    chat.send("\x03").unwrap();
+    chat.expect("(answer stopped)").unwrap();
+    chat.expect(">>> ").unwrap();
+
+    // A multi-line message between """.
+    chat.send("/set parameter num_predict 8").unwrap();
+    chat.send(ENTER).unwrap();
+    chat.expect("Set parameter").unwrap();
+    chat.send("\"\"\"Say hello").unwrap();
+    chat.send(ENTER).unwrap();
+    chat.expect("... ").unwrap();
+    chat.send("to me\"\"\"").unwrap();
+    chat.send(ENTER).unwrap();
+    chat.expect(">>> ").unwrap();
+
+    chat.send("/bye").unwrap();
+    chat.send(ENTER).unwrap();
+    chat.expect(expectrl::Eof).unwrap();
+    let history = std::fs::read_to_string(home.path().join("history.txt")).unwrap();
+    assert!(history.contains("What is the capital of France?"), "{history}");
+}
+
+#[test]
+fn interactive_chat_in_japanese_through_a_running_server() {
+    let _guard = crate::engine_reference::mlx_lock();
+    let home = home_with_models();
+    home.write_config("language = \"ja\"\n");
+    let server = start(&home, &[], &[]);
+    let port = server.port.to_string();
+    let mut command = home.command();
+    command.env("MLXSERVER_PORT", &port).args(["run", CHAT]);
+    let mut chat = Session::spawn(command).unwrap();
+    chat.set_expect_timeout(Some(Duration::from_secs(120)));
+    chat.expect("メッセージを入力してください").unwrap();
+    chat.send("日本の首都はどこですか？").unwrap();
+    chat.send(ENTER).unwrap();
+    chat.expect(">>> ").unwrap();
+    chat.send("/set parameter num_predict 300").unwrap();
+    chat.send(ENTER).unwrap();
+    chat.expect("パラメーター num_predict を 300 に設定しました。").unwrap();
+    chat.send("長い物語を書いてください。").unwrap();
+    chat.send(ENTER).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    chat.send("\x03").unwrap();
+    chat.expect("(回答を中断しました)").unwrap();
+    chat.send("\x04").unwrap();
+    chat.expect(expectrl::Eof).unwrap();
+    drop(server);
+}
+
+/// A personality that answers greedily and briefly.
+fn greedy_personality(home: &Home) {
+    let modelfile = home.path().join("Greedy.modelfile");
+    std::fs::write(&modelfile, format!("FROM {CHAT}\nPARAMETER temperature 0\nPARAMETER num_predict 48\n")).unwrap();
+    let created = home.run(&["create", "greedy", "-f", modelfile.to_str().unwrap()]);
+    assert!(created.status.success(), "{}", stderr(&created));
+}
+
+#[test]
+fn one_shot_and_piped_modes_print_only_the_answer() {
+    let _guard = crate::engine_reference::mlx_lock();
+    let home = home_with_models();
+    greedy_personality(&home);
+    let output = home.run(&["run", "greedy", "What is the capital of France? Answer in one word."]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(stdout(&output).trim(), "The capital of France is Paris.");
+    assert!(stderr(&output).contains("No server is running"));
+
+    // Piped: the answer arrives on stdout in pieces, as it is generated.
+    let mut child = home
+        .command()
+        .args(["run", "greedy", "--verbose"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all("Count from one to thirty in words.".as_bytes()).unwrap();
+    }
+    let mut out = child.stdout.take().unwrap();
+    let mut arrivals = Vec::new();
+    let mut text = Vec::new();
+    let mut buffer = [0u8; 64];
+    let started = Instant::now();
+    loop {
+        let read = out.read(&mut buffer).unwrap();
+        if read == 0 {
+            break;
+        }
+        arrivals.push(started.elapsed());
+        text.extend_from_slice(&buffer[..read]);
+    }
+    let status = child.wait().unwrap();
+    assert!(status.success());
+    let text = String::from_utf8(text).expect("valid UTF-8");
+    assert!(text.to_lowercase().contains("one"), "{text}");
+    assert!(arrivals.len() > 5, "streamed in pieces: {arrivals:?}");
+    let spread = *arrivals.last().unwrap() - arrivals[0];
+    assert!(spread > Duration::from_millis(200), "pieces arrived over time: {arrivals:?}");
+    let mut timings = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut timings).unwrap();
+    assert!(timings.contains("eval:") && timings.contains("tokens/s"), "{timings}");
+}
+
+#[test]
+fn the_nyan_sensei_personality_applies_its_system_prompt() {
+    let _guard = crate::engine_reference::mlx_lock();
+    let home = home_with_models();
+    let modelfile = home.path().join("Modelfile");
+    std::fs::write(
+        &modelfile,
+        format!("# ベースとなるモデル\nFROM {CHAT}\n\n# AIの役割や口調を定義\nSYSTEM \"\"\"\nあなたは猫のキャラクター「ニャンコ先生」です。\n語尾には必ず「〜ニャ」を付けて、可愛らしく親しみやすい口調で話してください。\n\"\"\"\nPARAMETER temperature 0\n"),
+    )
+    .unwrap();
+    let created = home.run(&["create", "nyan-sensei", "-f", modelfile.to_str().unwrap()]);
+    assert!(created.status.success(), "{}", stderr(&created));
+    let shown = stdout(&home.run(&["show", "nyan-sensei", "--system"]));
+    assert!(shown.contains("ニャンコ先生"), "{shown}");
+    let answer = home.run(&["run", "nyan-sensei", "こんにちは！自己紹介して！"]);
+    assert!(answer.status.success(), "{}", stderr(&answer));
+    let text = stdout(&answer);
+    assert!(text.contains("ニャ"), "nyan-sensei answers in character: {text}");
+}
