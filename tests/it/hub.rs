@@ -1,0 +1,233 @@
+//! `pull` from a Hugging Face Hub: the real hf-hub client against a small HTTP server in this
+//! test that answers like the Hub (model-info API, `resolve` downloads with Range, ETag,
+//! X-Repo-Commit and Content-Range), serving the real small models. Each format path, resume
+//! after a failed download, a server error mid-download, a missing repository and a digest
+//! mismatch are covered.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use sha2::{Digest, Sha256};
+
+use crate::common::{stderr, stdout, Home};
+use crate::engine_reference::models_dir;
+
+const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+
+#[derive(Default)]
+pub struct Repo {
+    pub files: HashMap<String, Vec<u8>>,
+}
+
+#[derive(Default)]
+pub struct Hub {
+    pub repos: Mutex<HashMap<String, Arc<Repo>>>,
+    /// Bytes of file bodies served (resume tests count them).
+    pub served: AtomicU64,
+    /// Break the connection halfway through the N-th file-body request (1-based; 0: never).
+    pub fail_on: AtomicUsize,
+    /// File-body requests served so far.
+    pub requests: AtomicUsize,
+    /// Serve this many requests with a wrong ETag for LFS files (digest test).
+    pub corrupt: AtomicUsize,
+}
+
+fn etag(name: &str, bytes: &[u8]) -> String {
+    // Large files get their sha256 as ETag, as the Hub does for LFS files.
+    if name.ends_with(".safetensors") || name.ends_with(".gguf") {
+        hex::encode(Sha256::digest(bytes))
+    } else {
+        format!("{:x}", bytes.len())
+    }
+}
+
+async fn info(State(hub): State<Arc<Hub>>, Path((owner, repo, _revision)): Path<(String, String, String)>) -> Response {
+    let Some(repo) = hub.repos.lock().unwrap().get(&format!("{owner}/{repo}")).cloned() else {
+        return (StatusCode::NOT_FOUND, "{\"error\":\"Repository not found\"}").into_response();
+    };
+    let siblings: Vec<serde_json::Value> = repo.files.keys().map(|name| serde_json::json!({"rfilename": name})).collect();
+    axum::Json(serde_json::json!({"id": format!("{owner}/{}", "x"), "sha": COMMIT, "siblings": siblings})).into_response()
+}
+
+async fn resolve(State(hub): State<Arc<Hub>>, Path((owner, repo, _revision, file)): Path<(String, String, String, String)>, headers: HeaderMap) -> Response {
+    let Some(repo) = hub.repos.lock().unwrap().get(&format!("{owner}/{repo}")).cloned() else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let Some(bytes) = repo.files.get(&file).cloned() else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let total = bytes.len();
+    let mut tag = etag(&file, &bytes);
+    if tag.len() == 64 && hub.corrupt.load(Ordering::SeqCst) > 0 {
+        tag = "f".repeat(64);
+    }
+    let (start, end) = headers
+        .get("range")
+        .and_then(|r| r.to_str().ok())
+        .and_then(|r| r.strip_prefix("bytes="))
+        .and_then(|r| r.split_once('-'))
+        .map(|(a, b)| (a.parse::<usize>().unwrap_or(0), b.parse::<usize>().unwrap_or(total - 1).min(total - 1)))
+        .unwrap_or((0, total - 1));
+    let slice = bytes[start..=end].to_vec();
+    let is_probe = start == 0 && end == 0;
+    let mut response_body = Body::from(slice.clone());
+    if !is_probe {
+        hub.served.fetch_add(slice.len() as u64, Ordering::SeqCst);
+        let index = hub.requests.fetch_add(1, Ordering::SeqCst) + 1;
+        if slice.len() > 1024 && hub.fail_on.load(Ordering::SeqCst) == index {
+            // Send half, then break the connection.
+            let half = slice[..slice.len() / 2].to_vec();
+            let stream = futures::stream::iter(vec![Ok::<_, std::io::Error>(half), Err(std::io::Error::other("connection reset"))]);
+            response_body = Body::from_stream(stream);
+        }
+    }
+    Response::builder()
+        .status(StatusCode::PARTIAL_CONTENT)
+        .header("etag", format!("\"{tag}\""))
+        .header("x-repo-commit", COMMIT)
+        .header("accept-ranges", "bytes")
+        .header("content-range", format!("bytes {start}-{end}/{total}"))
+        .header("content-length", slice.len().to_string())
+        .body(response_body)
+        .unwrap()
+}
+
+/// Starts the Hub on a free port; returns its URL.
+pub fn start_hub(hub: Arc<Hub>) -> String {
+    let app = Router::new()
+        .route("/api/models/{owner}/{repo}/revision/{revision}", get(info))
+        .route("/{owner}/{repo}/resolve/{revision}/{*file}", get(resolve))
+        .with_state(hub);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let address = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            axum::serve(listener, app).await.unwrap();
+        });
+    });
+    format!("http://{address}")
+}
+
+fn folder_files(dir: &std::path::Path) -> HashMap<String, Vec<u8>> {
+    walkdir::WalkDir::new(dir)
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_file())
+        .map(|e| (e.path().strip_prefix(dir).unwrap().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap()))
+        .collect()
+}
+
+/// The Hub's repositories for the tests: the real GGUF (with a README and a K-quant file that
+/// MLX cannot load), the real all-MiniLM-L6-v2 folder, and an HF safetensors SmolLM2 folder
+/// converted from the GGUF by `mlxserver pull` itself.
+pub fn hub_with_models(home: &Home) -> Arc<Hub> {
+    let hub = Arc::new(Hub::default());
+    let dir = models_dir();
+    let gguf = std::fs::read(dir.join("SmolLM2-135M-Instruct.Q4_1.gguf")).unwrap();
+    let mut repos = hub.repos.lock().unwrap();
+    repos.insert(
+        "test-org/SmolLM2-135M-Instruct-GGUF".into(),
+        Arc::new(Repo {
+            files: [
+                ("README.md".to_string(), b"# SmolLM2 GGUF".to_vec()),
+                ("SmolLM2-135M-Instruct.Q4_1.gguf".to_string(), gguf),
+                ("SmolLM2-135M-Instruct.Q4_K_M.gguf".to_string(), b"not really".to_vec()),
+            ]
+            .into_iter()
+            .collect(),
+        }),
+    );
+    repos.insert("sentence-transformers/all-MiniLM-L6-v2".into(), Arc::new(Repo { files: folder_files(&dir.join("all-MiniLM-L6-v2")) }));
+    drop(repos);
+    let _ = home;
+    hub
+}
+
+fn pull(home: &Home, endpoint: &str, args: &[&str]) -> std::process::Output {
+    home.command().env("HF_ENDPOINT", endpoint).env("HF_HOME", home.path().join("hf-home")).arg("pull").args(args).output().unwrap()
+}
+
+#[test]
+fn pull_gguf_and_embedding_models_from_the_hub() {
+    let _guard = crate::engine_reference::mlx_lock();
+    let home = Home::new();
+    let hub = hub_with_models(&home);
+    let endpoint = start_hub(hub.clone());
+
+    let output = pull(&home, &endpoint, &["test-org/SmolLM2-135M-Instruct-GGUF", "--name", "smol"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stdout(&output).contains("Added smol"), "{}", stdout(&output));
+    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(home.path().join("models/smol/manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["format"], "mlx");
+    assert_eq!(manifest["source_format"], "gguf");
+    assert_eq!(manifest["quantization"], "Q4_1", "the default file is the one MLX can load");
+    assert_eq!(manifest["source"], format!("hf:test-org/SmolLM2-135M-Instruct-GGUF@{COMMIT}"));
+    assert!(manifest["digest"].as_str().unwrap().starts_with("sha256:"));
+
+    let output = pull(&home, &endpoint, &["sentence-transformers/all-MiniLM-L6-v2"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let list = stdout(&home.run(&["list"]));
+    assert!(list.contains("sentence-transformers/all-MiniLM-L6-v2") && list.contains("embedding"), "{list}");
+
+    // The pulled chat model answers.
+    let answer = home.run(&["run", "smol", "What is the capital of France? Answer in one word."]);
+    assert!(answer.status.success(), "{}", stderr(&answer));
+    assert!(stdout(&answer).contains("Paris"), "{}", stdout(&answer));
+
+    // Asking for an unloadable GGUF says which files could be used.
+    let output = pull(&home, &endpoint, &["test-org/SmolLM2-135M-Instruct-GGUF", "--name", "kquant", "--file", "SmolLM2-135M-Instruct.Q4_K_M.gguf"]);
+    assert!(!output.status.success());
+    assert!(!home.path().join("models/kquant").exists(), "nothing half-written");
+}
+
+#[test]
+fn missing_repositories_and_names_are_clear_errors() {
+    let home = Home::new();
+    let hub = hub_with_models(&home);
+    let endpoint = start_hub(hub);
+    let output = pull(&home, &endpoint, &["nobody/nothing"]);
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("was not found on the Hub"), "{}", stderr(&output));
+    let output = pull(&home, &endpoint, &["../../etc/passwd"]);
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("invalid model name"), "{}", stderr(&output));
+}
+
+#[test]
+fn an_interrupted_download_resumes_and_corrupt_files_are_refused() {
+    let _guard = crate::engine_reference::mlx_lock();
+    let home = Home::new();
+    let hub = hub_with_models(&home);
+    let endpoint = start_hub(hub.clone());
+    let size = std::fs::metadata(models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf")).unwrap().len();
+
+    // hf-hub downloads in 10 MB chunks, one at a time: the 4th chunk breaks.
+    hub.requests.store(0, Ordering::SeqCst);
+    hub.fail_on.store(4, Ordering::SeqCst);
+    let output = pull(&home, &endpoint, &["test-org/SmolLM2-135M-Instruct-GGUF", "--name", "smol"]);
+    assert!(!output.status.success(), "the broken download fails");
+    assert!(stderr(&output).contains("downloading SmolLM2-135M-Instruct.Q4_1.gguf failed"), "{}", stderr(&output));
+    assert!(!home.path().join("models/smol").exists(), "no half model in the store");
+    let first = hub.served.swap(0, Ordering::SeqCst);
+
+    let output = pull(&home, &endpoint, &["test-org/SmolLM2-135M-Instruct-GGUF", "--name", "smol"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let second = hub.served.load(Ordering::SeqCst);
+    assert!(second < size, "the second pull resumed: {second} of {size} bytes (first attempt sent {first})");
+
+    // A blob whose sha256 differs from the Hub's ETag is refused.
+    hub.corrupt.store(1, Ordering::SeqCst);
+    let output = pull(&home, &endpoint, &["test-org/SmolLM2-135M-Instruct-GGUF", "--name", "smol2"]);
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("is corrupt"), "{}", stderr(&output));
+}
