@@ -1,0 +1,178 @@
+//! RAG with the real all-MiniLM-L6-v2 model and a real LanceDB table: add-docs, status,
+//! retrieval of the right chunk for questions in English and Japanese, answers that report
+//! their sources, clear, unchanged re-adds, a refused model switch, and an add-docs killed
+//! mid-run (SIGKILL) then re-run ending with the same table as an uninterrupted run.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::common::{stderr, stdout, Home};
+use crate::serving::{home_with_models, start, CHAT, EMBED};
+
+/// Facts that no small model knows, one per file.
+const DOCS: &[(&str, &str)] = &[
+    ("zorblat.md", "# Zorblat\n\nThe planet Zorblat has three purple moons named Kif, Lorp and Mabble.\n\nZorblat's oceans are made of lemonade."),
+    ("harbor.txt", "The lighthouse keeper of Greyhaven harbor is called Oswin Tallow. He paints the lighthouse green every spring."),
+    ("recipe.html", "<html><body><h1>Moon cake</h1><p>The secret ingredient of Aunt Delia's moon cake is smoked paprika.</p></body></html>"),
+    ("nested/train.rst", "Trains\n======\n\nThe night train from Velmora to Quist departs at 23:47 from platform nine."),
+    ("fuji_ja.md", "富士山の高さは3776メートルです。日本で一番高い山です。"),
+    ("sapporo_ja.txt", "札幌の名物は味噌ラーメンです。冬には雪まつりがあります。"),
+];
+
+fn write_docs(dir: &Path) {
+    for (name, text) in DOCS {
+        let path = dir.join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+    std::fs::write(dir.join("picture.png"), [0x89u8, b'P', b'N', b'G', 0, 1, 2, 3]).unwrap();
+}
+
+fn add_docs(home: &Home, dir: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["rag", "add-docs", dir.to_str().unwrap(), "--model", EMBED];
+    args.extend_from_slice(extra);
+    home.command().args(&args).output().unwrap()
+}
+
+async fn ask(server: &crate::common::ServerProcess, question: &str) -> Value {
+    let body = json!({"model": CHAT, "messages": [{"role": "user", "content": question}], "rag": {"top_k": 2}, "max_tokens": 24, "temperature": 0});
+    let response = reqwest::Client::new().post(server.url("/v1/chat/completions")).json(&body).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    response.json().await.unwrap()
+}
+
+fn top_source(answer: &Value) -> String {
+    let source = answer["rag"]["sources"][0]["source"].as_str().unwrap_or_default();
+    Path::new(source).file_name().unwrap().to_string_lossy().into_owned()
+}
+
+#[tokio::test]
+async fn documents_are_indexed_retrieved_and_cited() {
+    let _guard = crate::engine_reference::mlx_lock();
+    let home = home_with_models();
+    let docs = tempfile::tempdir().unwrap();
+    write_docs(docs.path());
+
+    let output = add_docs(&home, docs.path(), &[]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let summary = stdout(&output);
+    assert!(summary.contains("6 files added (6 chunks)") && summary.contains("1 skipped"), "{summary}");
+
+    let status = stdout(&home.run(&["rag", "status"]));
+    let line = status.lines().find(|l| l.starts_with("default")).unwrap_or_else(|| panic!("{status}"));
+    let columns: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(&columns[..5], &["default", EMBED, "384", "6", "6"], "{status}");
+
+    // Re-adding the unchanged folder adds nothing.
+    let again = stdout(&add_docs(&home, docs.path(), &[]));
+    assert!(again.contains("0 files added (0 chunks), 6 unchanged"), "{again}");
+    // A changed file replaces its chunks.
+    std::fs::write(docs.path().join("harbor.txt"), "The lighthouse keeper of Greyhaven harbor is called Oswin Tallow. He retired in 1990.").unwrap();
+    let changed = stdout(&add_docs(&home, docs.path(), &[]));
+    assert!(changed.contains("1 files added (1 chunks), 5 unchanged"), "{changed}");
+    // Another embedding model on the same collection is refused.
+    let copy = home.run(&["cp", EMBED, "other-embedder"]);
+    assert!(copy.status.success(), "{}", stderr(&copy));
+    let refused = home.command().args(["rag", "add-docs", docs.path().to_str().unwrap(), "--model", "other-embedder"]).output().unwrap();
+    assert!(!refused.status.success());
+    assert!(stderr(&refused).contains("was built with the embedding model 'all-MiniLM-L6-v2'"), "{}", stderr(&refused));
+
+    let server = start(&home, &[], &[]);
+    for (question, file) in [
+        ("What are the names of the moons of Zorblat?", "zorblat.md"),
+        ("Who is the lighthouse keeper of Greyhaven?", "harbor.txt"),
+        ("What is the secret ingredient of the moon cake?", "recipe.html"),
+        ("When does the night train to Quist leave?", "train.rst"),
+        ("富士山の高さは何メートルですか？", "fuji_ja.md"),
+        ("札幌の名物は何ですか？", "sapporo_ja.txt"),
+    ] {
+        let answer = ask(&server, question).await;
+        assert_eq!(top_source(&answer), file, "{question}: {}", answer["rag"]);
+        assert!(answer["choices"][0]["message"]["content"].as_str().is_some_and(|c| !c.is_empty()));
+    }
+    // The answer uses the retrieved fact.
+    let answer = ask(&server, "Who is the lighthouse keeper of Greyhaven harbor? Answer with the name.").await;
+    let text = answer["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(text.contains("Oswin") || text.contains("Tallow"), "{text}");
+
+    // Ollama's chat and the native /generate report sources too.
+    let body = json!({"model": CHAT, "messages": [{"role": "user", "content": "What is Zorblat's ocean made of?"}], "stream": false, "rag": true, "options": {"num_predict": 16}});
+    let ollama: Value = reqwest::Client::new().post(server.url("/api/chat")).json(&body).send().await.unwrap().json().await.unwrap();
+    assert!(ollama["rag"]["sources"][0]["source"].as_str().unwrap().ends_with("zorblat.md"), "{ollama}");
+    let native: Value = reqwest::Client::new()
+        .post(server.url("/generate"))
+        .json(&json!({"personality_name": CHAT, "prompt": "Which platform does the night train to Quist use?", "max_tokens": 16, "use_rag": true}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(native["sources"][0]["source"].as_str().unwrap().ends_with("train.rst"), "{native}");
+
+    // The management API.
+    let added: Value = reqwest::Client::new()
+        .post(server.url("/api/rag/documents"))
+        .json(&json!({"collection": "api", "model": EMBED, "documents": [{"source": "note-1", "text": "The password of the blue door is 'marmalade'."}]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(added["chunks"], 1, "{added}");
+    let status: Value = reqwest::get(server.url("/api/rag/status")).await.unwrap().json().await.unwrap();
+    assert_eq!(status["collections"].as_array().unwrap().len(), 2, "{status}");
+    let deleted = reqwest::Client::new().delete(server.url("/api/rag/api")).send().await.unwrap();
+    assert_eq!(deleted.status(), 200);
+    let missing = reqwest::Client::new().delete(server.url("/api/rag/api")).send().await.unwrap();
+    assert_eq!(missing.status(), 404);
+    drop(server);
+
+    // clear empties the collection.
+    let cleared = home.run(&["rag", "clear", "--yes"]);
+    assert!(stdout(&cleared).contains("Deleted the collection default"), "{}", stdout(&cleared));
+    assert!(stdout(&home.run(&["rag", "status"])).contains("no collections"));
+}
+
+#[test]
+fn a_killed_add_docs_run_completes_on_rerun() {
+    let _guard = crate::engine_reference::mlx_lock();
+    let home = home_with_models();
+    let docs = tempfile::tempdir().unwrap();
+    for i in 0..40 {
+        let text = (0..30).map(|j| format!("Document {i} sentence {j} talks about topic {} in detail.", (i * 7 + j) % 13)).collect::<Vec<_>>().join(" ");
+        std::fs::write(docs.path().join(format!("doc{i:02}.txt")), text).unwrap();
+    }
+    let mut child = home
+        .command()
+        .args(["rag", "add-docs", docs.path().to_str().unwrap(), "--model", EMBED, "--collection", "killed", "--chunk-size", "64"])
+        .spawn()
+        .unwrap();
+    // Kill once some files are in the table.
+    let table = home.path().join("rag/killed.lance");
+    let started = std::time::Instant::now();
+    while !table.join("_versions").exists() || std::fs::read_dir(table.join("_versions")).map(|d| d.count()).unwrap_or(0) < 4 {
+        assert!(started.elapsed() < Duration::from_secs(120), "add-docs wrote nothing");
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let rerun = home.command().args(["rag", "add-docs", docs.path().to_str().unwrap(), "--model", EMBED, "--collection", "killed", "--chunk-size", "64"]).output().unwrap();
+    assert!(rerun.status.success(), "{}", stderr(&rerun));
+    let full = home.command().args(["rag", "add-docs", docs.path().to_str().unwrap(), "--model", EMBED, "--collection", "whole", "--chunk-size", "64"]).output().unwrap();
+    assert!(full.status.success(), "{}", stderr(&full));
+
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let (killed, whole) = runtime.block_on(async {
+        let rag = mlxserver::rag::Rag::open(home.path().join("rag").to_str().unwrap()).await.unwrap();
+        (rag.rows("killed").await.unwrap(), rag.rows("whole").await.unwrap())
+    });
+    assert!(whole.len() > 40, "{}", whole.len());
+    assert_eq!(killed, whole, "the re-run completed the interrupted table");
+}
