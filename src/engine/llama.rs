@@ -7,7 +7,7 @@ use mlx_rs::fast::{self, ScaledDotProductAttentionMask};
 use mlx_rs::ops::indexing::IndexOp;
 use mlx_rs::{nn as mlx_nn, ops, Array};
 
-use super::nn::{Embedding, KvCache, Linear, Projections, Result};
+use super::nn::{BatchCache, Embedding, KvCache, Linear, Projections, Result};
 
 /// How RoPE frequencies are scaled for long contexts.
 #[derive(Debug, Clone, PartialEq)]
@@ -232,6 +232,52 @@ impl LlamaModel {
             x = x.add(layer.mlp.down_proj.forward(&activated)?)?;
         }
         Ok(fast::rms_norm(&x, Some(&self.norm), config.rms_norm_eps)?)
+    }
+
+    /// One decode step for every row of `cache`: `tokens` is `[B, 1]`; returns `[B, vocab]`.
+    /// Attention runs once per layer for the whole batch over the left-padded cache.
+    pub fn decode_batched(&self, tokens: &Array, cache: &mut BatchCache) -> Result<Array> {
+        let config = &self.config;
+        let batch = tokens.dim(0);
+        let mut x = self.embed_tokens.forward(tokens)?;
+        let scale = 1.0 / (config.head_dim as f32).sqrt();
+        let half = config.head_dim / 2;
+        let positions = cache.positions();
+        let limit = self.rope_cos.dim(0);
+        if positions.iter().any(|p| *p >= limit) {
+            return Err(super::EngineError::ContextOverflow { prompt: (positions.iter().max().copied().unwrap_or(0) + 1) as usize, limit: limit as usize });
+        }
+        let positions = Array::from_slice(&positions, &[batch, 1]);
+        let table_shape = [batch, 1, 1, config.head_dim];
+        let cos = self.rope_cos.take_axis(&positions, 0)?.reshape(&table_shape)?;
+        let sin = self.rope_sin.take_axis(&positions, 0)?.reshape(&table_shape)?;
+        let mask = cache.mask(x.dtype())?;
+        for (layer_index, layer) in self.layers.iter().enumerate() {
+            let h = fast::rms_norm(&x, Some(&layer.input_layernorm), config.rms_norm_eps)?;
+            let heads = |y: &Array, count: i32| -> Result<Array> {
+                Ok(y.reshape(&[batch, 1, count, config.head_dim])?.transpose_axes(&[0, 2, 1, 3])?)
+            };
+            let projected = layer.attention.qkv.forward(&h)?;
+            let q = Self::rotate(&heads(&projected[0], config.num_heads)?, &cos, &sin, half)?;
+            let k = Self::rotate(&heads(&projected[1], config.num_kv_heads)?, &cos, &sin, half)?;
+            let v = heads(&projected[2], config.num_kv_heads)?;
+            let (keys, values) = cache.update(layer_index, &k, &v)?;
+            let attended = fast::scaled_dot_product_attention(&q, &keys, &values, scale, ScaledDotProductAttentionMask::Array(&mask), None)?;
+            let attended = attended.transpose_axes(&[0, 2, 1, 3])?.reshape(&[batch, 1, config.num_heads * config.head_dim])?;
+            x = x.add(layer.attention.o_proj.forward(&attended)?)?;
+            let h = fast::rms_norm(&x, Some(&layer.post_attention_layernorm), config.rms_norm_eps)?;
+            let gate_up = layer.mlp.gate_up.forward(&h)?;
+            let activated = mlx_nn::silu(&gate_up[0])?.multiply(&gate_up[1])?;
+            x = x.add(layer.mlp.down_proj.forward(&activated)?)?;
+        }
+        cache.advance();
+        let hidden = fast::rms_norm(&x, Some(&self.norm), config.rms_norm_eps)?;
+        self.logits(&hidden.index((.., 0, ..)))
+    }
+
+    /// Whether batched decoding applies (the interleaved RoPE layout goes one by one).
+    pub fn batches_decode(&self) -> bool {
+        !self.config.rope_traditional
     }
 
     /// Every array the model holds, to evaluate at load time and to measure.

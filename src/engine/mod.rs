@@ -286,7 +286,9 @@ impl Engine {
 struct WorkerModel {
     loaded: LoadedModel,
     waiting: VecDeque<Sequence>,
+    /// Sequences decoding; with batched decoding row `i` of `batch` is `running[i]`'s cache.
     running: Vec<Sequence>,
+    batch: nn::BatchCache,
 }
 
 struct Worker {
@@ -364,7 +366,8 @@ impl Worker {
                 let mut stats = EngineStats::default();
                 for (id, model) in &self.models {
                     stats.sequences.insert(*id, model.waiting.len() + model.running.len());
-                    let bytes = model.waiting.iter().chain(model.running.iter()).flat_map(|s| s.cache.iter()).map(|c| c.nbytes() as u64).sum();
+                    let bytes = model.waiting.iter().chain(model.running.iter()).flat_map(|s| s.cache.iter()).map(|c| c.nbytes() as u64).sum::<u64>()
+                        + model.batch.nbytes() as u64;
                     stats.cache_bytes.insert(*id, bytes);
                 }
                 stats.prefix = self.prefix.stats();
@@ -398,7 +401,7 @@ impl Worker {
             load_duration: started.elapsed(),
         };
         tracing::info!(model = id, path = %path.display(), bytes = info.weight_bytes, backend = self.backend.name(), seconds = info.load_duration.as_secs_f32(), "model loaded");
-        self.models.insert(id, WorkerModel { loaded, waiting: VecDeque::new(), running: Vec::new() });
+        self.models.insert(id, WorkerModel { loaded, waiting: VecDeque::new(), running: Vec::new(), batch: nn::BatchCache::default() });
         Ok(info)
     }
 
@@ -433,14 +436,30 @@ impl Worker {
         let max_batch = self.config.max_batch.max(1);
         let Some(model) = self.models.get_mut(&id) else { return };
         let LoadedModel::Chat { model: llama, .. } = &model.loaded else { return };
+        let batched = llama.batches_decode();
         model.waiting.retain(|s| !s.cancelled());
-        model.running.retain(|s| !s.cancelled());
+        for row in (0..model.running.len()).rev() {
+            if model.running[row].cancelled() {
+                if batched {
+                    let _ = model.batch.remove(row);
+                }
+                model.running.remove(row);
+            }
+        }
 
         let mut finished = Vec::new();
         if model.running.len() < max_batch {
             if let Some(mut sequence) = model.waiting.pop_front() {
                 match prefill_step(llama, &mut sequence, prefill_chunk) {
                     Ok(Some(mut logits)) => match sequence.accept_logits(&mut logits) {
+                        Progress::Running if batched => match model.batch.push(&sequence.cache) {
+                            Ok(()) => {
+                                // The batch holds the cache now.
+                                sequence.cache = Vec::new();
+                                model.running.push(sequence);
+                            }
+                            Err(error) => sequence.fail(error),
+                        },
                         Progress::Running => model.running.push(sequence),
                         Progress::Finished => finished.push(sequence),
                     },
@@ -451,18 +470,28 @@ impl Worker {
         }
 
         if !model.running.is_empty() {
-            let batch: Vec<Sequence> = std::mem::take(&mut model.running);
-            match decode_step(llama, batch) {
-                Ok((still_running, done)) => {
-                    model.running = still_running;
-                    finished.extend(done);
-                }
-                Err((error, failed)) => {
-                    tracing::error!(%error, "decode step failed");
-                    for sequence in failed {
-                        sequence.fail(error.clone());
+            let outcome = if batched {
+                decode_batched_step(llama, &mut model.batch, &mut model.running, &mut finished)
+            } else {
+                let batch: Vec<Sequence> = std::mem::take(&mut model.running);
+                match decode_step(llama, batch) {
+                    Ok((still_running, done)) => {
+                        model.running = still_running;
+                        finished.extend(done);
+                        Ok(())
+                    }
+                    Err((error, failed)) => {
+                        model.running = failed;
+                        Err(error)
                     }
                 }
+            };
+            if let Err(error) = outcome {
+                tracing::error!(%error, "decode step failed");
+                for sequence in model.running.drain(..) {
+                    sequence.fail(error.clone());
+                }
+                model.batch = nn::BatchCache::default();
             }
         }
         for sequence in finished {
@@ -535,6 +564,29 @@ fn prefill_step(model: &llama::LlamaModel, sequence: &mut Sequence, chunk: usize
     } else {
         Ok(None)
     }
+}
+
+/// One token for every running sequence with one attention call per layer over the batch
+/// cache; finished sequences leave the batch with their caches.
+fn decode_batched_step(model: &llama::LlamaModel, batch: &mut nn::BatchCache, running: &mut Vec<Sequence>, finished: &mut Vec<Sequence>) -> Result<()> {
+    let tokens: Vec<i32> = running.iter().map(|s| s.next_input.unwrap_or(0) as i32).collect();
+    let input = Array::from_slice(&tokens, &[running.len() as i32, 1]);
+    let logits = model.decode_batched(&input, batch)?;
+    mlx_rs::transforms::eval(std::iter::once(&logits).chain(batch.arrays()))?;
+    let rows = logits_rows(&logits)?;
+    let mut done = Vec::new();
+    for (index, (sequence, mut row)) in running.iter_mut().zip(rows).enumerate() {
+        if let Progress::Finished = sequence.accept_logits(&mut row) {
+            done.push(index);
+        }
+    }
+    for index in done.into_iter().rev() {
+        let caches = batch.remove(index)?;
+        let mut sequence = running.remove(index);
+        sequence.cache = caches;
+        finished.push(sequence);
+    }
+    Ok(())
 }
 
 /// One token for each running sequence, in one forward pass.

@@ -253,6 +253,18 @@ impl KvCache {
         self.offset = self.offset.min(length);
     }
 
+    /// A cache holding exactly these keys and values (`[1, kv_heads, T, head_dim]`).
+    pub fn from_arrays(keys: Array, values: Array) -> Self {
+        let offset = keys.dim(2);
+        KvCache { keys: Some(keys), values: Some(values), offset }
+    }
+
+    /// The filled part: `[1, kv_heads, offset, head_dim]` keys and values.
+    pub fn filled(&self) -> Option<(Array, Array)> {
+        let (keys, values) = (self.keys.as_ref()?, self.values.as_ref()?);
+        Some((keys.index((.., .., ..self.offset, ..)), values.index((.., .., ..self.offset, ..))))
+    }
+
     /// The evaluated buffers, so a step can realize them together with its outputs.
     pub fn arrays(&self) -> impl Iterator<Item = &Array> {
         self.keys.iter().chain(self.values.iter())
@@ -262,5 +274,141 @@ impl KvCache {
 impl Default for KvCache {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// The key/value caches of every running sequence of a model, one row each, so a decode step
+/// attends for the whole batch in one call per layer. Rows are left-padded to a common width:
+/// row `i` holds its tokens in columns `lefts[i]..offset`, and a mask hides the padding.
+#[derive(Default)]
+pub struct BatchCache {
+    keys: Vec<Array>,
+    values: Vec<Array>,
+    /// Width in use (the next token goes to this column).
+    pub offset: i32,
+    /// Padding columns at the start of each row.
+    pub lefts: Vec<i32>,
+}
+
+fn zeros_like_shape(like: &Array, shape: &[i32]) -> Result<Array> {
+    Ok(ops::zeros_dtype(shape, like.dtype())?)
+}
+
+impl BatchCache {
+    pub fn rows(&self) -> usize {
+        self.lefts.len()
+    }
+
+    pub fn nbytes(&self) -> usize {
+        self.keys.iter().chain(self.values.iter()).map(Array::nbytes).sum()
+    }
+
+    /// Logical position of each row's next token.
+    pub fn positions(&self) -> Vec<i32> {
+        self.lefts.iter().map(|left| self.offset - left).collect()
+    }
+
+    /// Adds a sequence (its per-layer caches after prefill) as a new last row.
+    pub fn push(&mut self, caches: &[KvCache]) -> Result<()> {
+        let length = caches.first().map_or(0, |c| c.offset);
+        let filled: Vec<(Array, Array)> = caches
+            .iter()
+            .map(|c| c.filled().ok_or_else(|| EngineError::Mlx("an empty cache cannot join a batch".into())))
+            .collect::<Result<_>>()?;
+        if self.rows() == 0 {
+            self.keys = filled.iter().map(|(k, _)| k.clone()).collect();
+            self.values = filled.into_iter().map(|(_, v)| v).collect();
+            self.offset = length;
+            self.lefts = vec![0];
+            return Ok(());
+        }
+        if length > self.offset {
+            // Widen every existing row on the left.
+            let grow = length - self.offset;
+            for array in self.keys.iter_mut().chain(self.values.iter_mut()) {
+                let used = array.index((.., .., ..self.offset, ..));
+                let pad = zeros_like_shape(&used, &[used.dim(0), used.dim(1), grow, used.dim(3)])?;
+                *array = ops::concatenate(&[pad, used], 2)?;
+            }
+            self.lefts.iter_mut().for_each(|left| *left += grow);
+            self.offset = length;
+        }
+        let pad = self.offset - length;
+        for (layer, (key, value)) in filled.into_iter().enumerate() {
+            for (batch, row) in [(&mut self.keys[layer], key), (&mut self.values[layer], value)] {
+                let row = if pad > 0 {
+                    let zeros = zeros_like_shape(&row, &[1, row.dim(1), pad, row.dim(3)])?;
+                    ops::concatenate(&[zeros, row], 2)?
+                } else {
+                    row
+                };
+                let used = batch.index((.., .., ..self.offset, ..));
+                *batch = ops::concatenate(&[used, row], 0)?;
+            }
+        }
+        self.lefts.push(pad);
+        Ok(())
+    }
+
+    /// Takes row `row` out of the batch and returns its caches.
+    pub fn remove(&mut self, row: usize) -> Result<Vec<KvCache>> {
+        let left = self.lefts[row];
+        let r = row as i32;
+        let taken: Vec<KvCache> = self
+            .keys
+            .iter()
+            .zip(&self.values)
+            .map(|(k, v)| KvCache::from_arrays(k.index((r..r + 1, .., left..self.offset, ..)), v.index((r..r + 1, .., left..self.offset, ..))))
+            .collect();
+        self.lefts.remove(row);
+        if self.lefts.is_empty() {
+            *self = BatchCache::default();
+            return Ok(taken);
+        }
+        let keep: Vec<i32> = (0..self.lefts.len() as i32 + 1).filter(|i| *i != r).collect();
+        let keep = Array::from_slice(&keep, &[keep.len() as i32]);
+        // Columns that every remaining row pads can go.
+        let trim = self.lefts.iter().copied().min().unwrap_or(0);
+        for array in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            *array = array.take_axis(&keep, 0)?.index((.., .., trim..self.offset, ..));
+        }
+        self.lefts.iter_mut().for_each(|left| *left -= trim);
+        self.offset -= trim;
+        Ok(taken)
+    }
+
+    /// Writes one new token per row into `layer` at the current column and returns the
+    /// keys and values to attend over.
+    pub fn update(&mut self, layer: usize, keys: &Array, values: &Array) -> Result<(Array, Array)> {
+        let column = self.offset;
+        for (cache, new) in [(&mut self.keys[layer], keys), (&mut self.values[layer], values)] {
+            if cache.dim(2) <= column {
+                let used = cache.index((.., .., ..column, ..));
+                let room = zeros_like_shape(&used, &[used.dim(0), used.dim(1), CACHE_STEP, used.dim(3)])?;
+                *cache = ops::concatenate(&[used, room], 2)?;
+            }
+            cache.try_index_mut((.., .., column..column + 1, ..), new)?;
+        }
+        let width = column + 1;
+        Ok((self.keys[layer].index((.., .., ..width, ..)), self.values[layer].index((.., .., ..width, ..))))
+    }
+
+    /// After every layer has been updated for a step.
+    pub fn advance(&mut self) {
+        self.offset += 1;
+    }
+
+    /// Additive mask `[B, 1, 1, offset + 1]` hiding each row's padding for this step.
+    pub fn mask(&self, dtype: Dtype) -> Result<Array> {
+        let width = self.offset + 1;
+        let mut values = Vec::with_capacity(self.rows() * width as usize);
+        for left in &self.lefts {
+            values.extend((0..width).map(|column| if column < *left { f32::NEG_INFINITY } else { 0.0 }));
+        }
+        Ok(Array::from_slice(&values, &[self.rows() as i32, 1, 1, width]).as_dtype(dtype)?)
+    }
+
+    pub fn arrays(&self) -> impl Iterator<Item = &Array> {
+        self.keys.iter().chain(self.values.iter())
     }
 }
