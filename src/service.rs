@@ -66,6 +66,8 @@ impl ChatMessage {
 /// Request options on top of the personality's parameters.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Options {
+    /// Defaults of the API family (OpenAI's differ from Ollama's), below the personality's.
+    pub defaults: Parameters,
     pub parameters: Parameters,
     /// Report log-probabilities with this many alternatives per token.
     pub logprobs: Option<usize>,
@@ -342,7 +344,8 @@ impl Service {
 
     /// The parameters in force: the personality's, then the request's on top.
     fn effective_parameters(modelfile: &Modelfile, options: &Options) -> Parameters {
-        let mut parameters = modelfile.parameters.clone();
+        let mut parameters = options.defaults.clone();
+        parameters.overlay(&modelfile.parameters);
         parameters.overlay(&options.parameters);
         parameters
     }

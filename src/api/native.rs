@@ -88,7 +88,7 @@ pub async fn generate(State(state): State<AppState>, ApiJson(request): ApiJson<G
         .chat(service::ChatRequest {
             model: request.personality_name.clone(),
             messages: vec![ChatMessage::new("user", request.prompt)],
-            options: Options { parameters, logprobs: None },
+            options: Options { defaults: Default::default(), parameters, logprobs: None },
             keep_alive: None,
             rag,
         })

@@ -50,7 +50,7 @@ fn keep_alive(value: &Option<KeepAliveValue>) -> Result<Option<KeepAlive>, ApiEr
 
 fn options(value: &Option<Options>) -> Result<ServiceOptions, ApiError> {
     let parameters = value.as_ref().map(Options::to_parameters).transpose().map_err(|e| ApiError::invalid_param("options", e))?;
-    Ok(ServiceOptions { parameters: parameters.unwrap_or_default(), logprobs: None })
+    Ok(ServiceOptions { defaults: Default::default(), parameters: parameters.unwrap_or_default(), logprobs: None })
 }
 
 fn reject_unsupported(images: bool, format: &Option<FormatValue>, suffix: Option<&str>) -> Result<(), ApiError> {

@@ -189,7 +189,14 @@ fn chat_options(body: &ChatCompletionBody) -> Result<Options, ApiError> {
         ..Default::default()
     };
     let logprobs = (request.logprobs == Some(true)).then(|| top_logprobs.unwrap_or(0));
-    Ok(Options { parameters, logprobs })
+    Ok(Options { defaults: openai_defaults(), parameters, logprobs })
+}
+
+/// OpenAI's sampling defaults: temperature 1, nucleus 1, no top-k and no repeat penalty
+/// (Ollama's 0.8 / 40 / 1.1 defaults apply on /api routes). A personality's PARAMETERs still
+/// come on top.
+fn openai_defaults() -> Parameters {
+    Parameters { temperature: Some(1.0), top_p: Some(1.0), top_k: Some(0), repeat_penalty: Some(1.0), ..Default::default() }
 }
 
 fn finish_reason(reason: FinishReason) -> OpenAiFinishReason {
@@ -413,7 +420,7 @@ pub async fn completions(State(state): State<AppState>, ApiJson(body): ApiJson<C
             model: request.model.clone(),
             prompt,
             raw: true,
-            options: Options { parameters, logprobs: None },
+            options: Options { defaults: openai_defaults(), parameters, logprobs: None },
             keep_alive,
             ..Default::default()
         })

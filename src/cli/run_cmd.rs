@@ -128,7 +128,7 @@ impl Backend {
                 let request = ChatRequest {
                     model: model.to_string(),
                     messages: messages.to_vec(),
-                    options: Options { parameters: parameters.clone(), logprobs: None },
+                    options: Options { defaults: Default::default(), parameters: parameters.clone(), logprobs: None },
                     keep_alive: None,
                     rag: rag.cloned(),
                 };

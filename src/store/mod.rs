@@ -357,6 +357,7 @@ impl Store {
                 }
             }
         }
+        users.sort();
         Ok(users)
     }
 

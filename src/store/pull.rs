@@ -221,6 +221,23 @@ impl Hub {
     /// Downloads one file (resuming a partial download) and checks its digest against the
     /// ETag the Hub gives LFS files (their sha256).
     pub async fn download(&self, file: &str, progress: &dyn PullProgress) -> Result<PathBuf, PullError> {
+        // hf-hub keeps finished chunks of a broken download; each retry resumes after them.
+        let retries: usize = std::env::var("MLXSERVER_PULL_RETRIES").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+        let mut attempt = 0;
+        loop {
+            match self.download_once(file, progress).await {
+                Err(PullError::Download { reason, .. }) if attempt < retries => {
+                    attempt += 1;
+                    tracing::warn!(file, attempt, %reason, "download failed; resuming");
+                    progress.status(&format!("retrying {file}"));
+                    tokio::time::sleep(std::time::Duration::from_millis(500 * attempt as u64)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn download_once(&self, file: &str, progress: &dyn PullProgress) -> Result<PathBuf, PullError> {
         let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel();
         let reporter = ChannelProgress { sender, completed: 0 };
         let download = self.repo.download_with_progress(file, reporter);

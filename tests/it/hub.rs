@@ -33,8 +33,9 @@ pub struct Hub {
     pub served: AtomicU64,
     /// Break the connection halfway through the N-th file-body request (1-based; 0: never).
     pub fail_on: AtomicUsize,
-    /// File-body requests served so far.
+    /// File-body requests served so far, and the byte offset each started at.
     pub requests: AtomicUsize,
+    pub starts: Mutex<Vec<u64>>,
     /// Serve this many requests with a wrong ETag for LFS files (digest test).
     pub corrupt: AtomicUsize,
 }
@@ -81,6 +82,7 @@ async fn resolve(State(hub): State<Arc<Hub>>, Path((owner, repo, _revision, file
     if !is_probe {
         hub.served.fetch_add(slice.len() as u64, Ordering::SeqCst);
         let index = hub.requests.fetch_add(1, Ordering::SeqCst) + 1;
+        hub.starts.lock().unwrap().push(start as u64);
         if slice.len() > 1024 && hub.fail_on.load(Ordering::SeqCst) == index {
             // Send half, then break the connection.
             let half = slice[..slice.len() / 2].to_vec();
@@ -118,7 +120,7 @@ pub fn start_hub(hub: Arc<Hub>) -> String {
     format!("http://{address}")
 }
 
-fn folder_files(dir: &std::path::Path) -> HashMap<String, Vec<u8>> {
+pub fn folder_files(dir: &std::path::Path) -> HashMap<String, Vec<u8>> {
     walkdir::WalkDir::new(dir)
         .into_iter()
         .filter_map(Result::ok)
@@ -130,7 +132,7 @@ fn folder_files(dir: &std::path::Path) -> HashMap<String, Vec<u8>> {
 /// The Hub's repositories for the tests: the real GGUF (with a README and a K-quant file that
 /// MLX cannot load), the real all-MiniLM-L6-v2 folder, and an HF safetensors SmolLM2 folder
 /// converted from the GGUF by `mlxserver pull` itself.
-pub fn hub_with_models(home: &Home) -> Arc<Hub> {
+pub fn hub_with_models(_home: &Home) -> Arc<Hub> {
     let hub = Arc::new(Hub::default());
     let dir = models_dir();
     let gguf = std::fs::read(dir.join("SmolLM2-135M-Instruct.Q4_1.gguf")).unwrap();
@@ -149,11 +151,10 @@ pub fn hub_with_models(home: &Home) -> Arc<Hub> {
     );
     repos.insert("sentence-transformers/all-MiniLM-L6-v2".into(), Arc::new(Repo { files: folder_files(&dir.join("all-MiniLM-L6-v2")) }));
     drop(repos);
-    let _ = home;
     hub
 }
 
-fn pull(home: &Home, endpoint: &str, args: &[&str]) -> std::process::Output {
+pub fn pull(home: &Home, endpoint: &str, args: &[&str]) -> std::process::Output {
     home.command().env("HF_ENDPOINT", endpoint).env("HF_HOME", home.path().join("hf-home")).arg("pull").args(args).output().unwrap()
 }
 
@@ -198,9 +199,13 @@ fn missing_repositories_and_names_are_clear_errors() {
     let output = pull(&home, &endpoint, &["nobody/nothing"]);
     assert!(!output.status.success());
     assert!(stderr(&output).contains("was not found on the Hub"), "{}", stderr(&output));
-    let output = pull(&home, &endpoint, &["../../etc/passwd"]);
+    let output = pull(&home, &endpoint, &["a/../../b"]);
     assert!(!output.status.success());
     assert!(stderr(&output).contains("invalid model name"), "{}", stderr(&output));
+    // An existing local file that is not a model is refused as such.
+    let output = pull(&home, &endpoint, &["/etc/passwd"]);
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("not a GGUF file"), "{}", stderr(&output));
 }
 
 #[test]
@@ -214,16 +219,25 @@ fn an_interrupted_download_resumes_and_corrupt_files_are_refused() {
     // hf-hub downloads in 10 MB chunks, one at a time: the 4th chunk breaks.
     hub.requests.store(0, Ordering::SeqCst);
     hub.fail_on.store(4, Ordering::SeqCst);
-    let output = pull(&home, &endpoint, &["test-org/SmolLM2-135M-Instruct-GGUF", "--name", "smol"]);
-    assert!(!output.status.success(), "the broken download fails");
+    let output = home.command().env("HF_ENDPOINT", &endpoint).env("MLXSERVER_PULL_RETRIES", "0").args(["pull", "test-org/SmolLM2-135M-Instruct-GGUF", "--name", "smol"]).output().unwrap();
+    assert!(!output.status.success(), "the broken download fails: {}", stdout(&output));
     assert!(stderr(&output).contains("downloading SmolLM2-135M-Instruct.Q4_1.gguf failed"), "{}", stderr(&output));
     assert!(!home.path().join("models/smol").exists(), "no half model in the store");
-    let first = hub.served.swap(0, Ordering::SeqCst);
+    hub.starts.lock().unwrap().clear();
 
     let output = pull(&home, &endpoint, &["test-org/SmolLM2-135M-Instruct-GGUF", "--name", "smol"]);
     assert!(output.status.success(), "{}", stderr(&output));
-    let second = hub.served.load(Ordering::SeqCst);
-    assert!(second < size, "the second pull resumed: {second} of {size} bytes (first attempt sent {first})");
+    let starts = hub.starts.lock().unwrap().clone();
+    // The chunks completed before the break (the first 10 MB at least) are not fetched again.
+    assert!(!starts.contains(&0), "the second pull resumed: {starts:?} of {size} bytes");
+
+    // With retries on (the default), a connection broken mid-download is resumed within the
+    // same pull.
+    hub.requests.store(0, Ordering::SeqCst);
+    hub.fail_on.store(3, Ordering::SeqCst);
+    let output = pull(&home, &endpoint, &["test-org/SmolLM2-135M-Instruct-GGUF", "--name", "smol-retried", "--file", "SmolLM2-135M-Instruct.Q4_1.gguf"]);
+    let _ = std::fs::remove_dir_all(home.path().join("models/.hf-cache"));
+    assert!(output.status.success(), "{}", stderr(&output));
 
     // A blob whose sha256 differs from the Hub's ETag is refused.
     hub.corrupt.store(1, Ordering::SeqCst);

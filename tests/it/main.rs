@@ -6,6 +6,7 @@ mod config_cli;
 mod engine_reference;
 mod hub;
 mod i18n_catalogs;
+mod models;
 mod rag;
 mod server_shell;
 mod terminal_chat;

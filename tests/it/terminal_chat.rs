@@ -32,6 +32,9 @@ fn interactive_chat_in_english_without_a_server() {
     chat.send("/set parameter temperature 0").unwrap();
     chat.send(ENTER).unwrap();
     chat.expect("Set parameter temperature to 0.").unwrap();
+    chat.send("/set parameter repeat_penalty 1").unwrap();
+    chat.send(ENTER).unwrap();
+    chat.expect("Set parameter repeat_penalty to 1.").unwrap();
     chat.send("What is the capital of France? Answer in one word.").unwrap();
     chat.send(ENTER).unwrap();
     chat.expect("Paris").unwrap();
@@ -113,7 +116,7 @@ fn interactive_chat_in_japanese_through_a_running_server() {
 /// A personality that answers greedily and briefly.
 fn greedy_personality(home: &Home) {
     let modelfile = home.path().join("Greedy.modelfile");
-    std::fs::write(&modelfile, format!("FROM {CHAT}\nPARAMETER temperature 0\nPARAMETER num_predict 48\n")).unwrap();
+    std::fs::write(&modelfile, format!("FROM {CHAT}\nPARAMETER temperature 0\nPARAMETER repeat_penalty 1\nPARAMETER num_predict 48\n")).unwrap();
     let created = home.run(&["create", "greedy", "-f", modelfile.to_str().unwrap()]);
     assert!(created.status.success(), "{}", stderr(&created));
 }
