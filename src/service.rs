@@ -50,6 +50,9 @@ impl ServiceError {
 
 pub type Result<T> = std::result::Result<T, ServiceError>;
 
+/// Context window of a request that sets no `num_ctx` (Ollama's default).
+pub const DEFAULT_CONTEXT: usize = 4096;
+
 /// One chat turn as the front ends pass it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChatMessage {
@@ -351,7 +354,9 @@ impl Service {
     }
 
     fn engine_request(prompt_tokens: Vec<u32>, frontend: &ChatFrontend, parameters: &Parameters, logprobs: Option<usize>) -> Result<GenerateRequest> {
-        let context = parameters.num_ctx.unwrap_or(frontend.context_length).min(frontend.context_length);
+        // As in Ollama, a request that sets no num_ctx gets a bounded window rather than the
+        // model's whole context (which also bounds a small model that never stops).
+        let context = parameters.num_ctx.unwrap_or(DEFAULT_CONTEXT).min(frontend.context_length);
         if prompt_tokens.len() >= context {
             return Err(EngineError::ContextOverflow { prompt: prompt_tokens.len(), limit: context }.into());
         }

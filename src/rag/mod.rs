@@ -256,7 +256,7 @@ impl Rag {
         let batches: Vec<RecordBatch> = table
             .vector_search(vector)?
             .distance_type(DistanceType::Cosine)
-            .select(Select::columns(&["source", "chunk_index", "text"]))
+            .select(Select::columns(&["source", "chunk_index", "text", "_distance"]))
             .limit(top_k.max(1))
             .execute()
             .await?
