@@ -33,6 +33,8 @@ pub struct Hub {
     pub served: AtomicU64,
     /// Break the connection halfway through the N-th file-body request (1-based; 0: never).
     pub fail_on: AtomicUsize,
+    /// Break the connection halfway through the first request for this byte offset (0: never).
+    pub fail_at_offset: AtomicU64,
     /// File-body requests served so far, and the byte offset each started at.
     pub requests: AtomicUsize,
     pub starts: Mutex<Vec<u64>>,
@@ -83,7 +85,8 @@ async fn resolve(State(hub): State<Arc<Hub>>, Path((owner, repo, _revision, file
         hub.served.fetch_add(slice.len() as u64, Ordering::SeqCst);
         let index = hub.requests.fetch_add(1, Ordering::SeqCst) + 1;
         hub.starts.lock().unwrap().push(start as u64);
-        if slice.len() > 1024 && hub.fail_on.load(Ordering::SeqCst) == index {
+        let at_offset = start as u64 != 0 && hub.fail_at_offset.compare_exchange(start as u64, 0, Ordering::SeqCst, Ordering::SeqCst).is_ok();
+        if slice.len() > 1024 && (hub.fail_on.load(Ordering::SeqCst) == index || at_offset) {
             // Send half, then break the connection.
             let half = slice[..slice.len() / 2].to_vec();
             let stream = futures::stream::iter(vec![Ok::<_, std::io::Error>(half), Err(std::io::Error::other("connection reset"))]);
@@ -216,9 +219,8 @@ fn an_interrupted_download_resumes_and_corrupt_files_are_refused() {
     let endpoint = start_hub(hub.clone());
     let size = std::fs::metadata(models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf")).unwrap().len();
 
-    // hf-hub downloads in 10 MB chunks, one at a time: the 4th chunk breaks.
-    hub.requests.store(0, Ordering::SeqCst);
-    hub.fail_on.store(4, Ordering::SeqCst);
+    // hf-hub downloads in 10 MB chunks, one at a time: the last one breaks.
+    hub.fail_at_offset.store(90_000_000, Ordering::SeqCst);
     let output = home.command().env("HF_ENDPOINT", &endpoint).env("MLXSERVER_PULL_RETRIES", "0").args(["pull", "test-org/SmolLM2-135M-Instruct-GGUF", "--name", "smol"]).output().unwrap();
     assert!(!output.status.success(), "the broken download fails: {}", stdout(&output));
     assert!(stderr(&output).contains("downloading SmolLM2-135M-Instruct.Q4_1.gguf failed"), "{}", stderr(&output));
