@@ -61,7 +61,7 @@ def test_list_show_ps(client):
 
 def test_create_copy_delete_personality(client):
     client.create(model="pirate", from_=CHAT_MODEL, system="You are a pirate. Always say Arr.", parameters={"temperature": 0})
-    assert "pirate" in client.show("pirate").system
+    assert "You are a pirate" in client.show("pirate").modelfile
     client.copy("pirate", "pirate2")
     assert "pirate2:latest" in {m.model for m in client.list().models}
     response = client.chat(model="pirate2", messages=[{"role": "user", "content": "Hello!"}], options={"num_predict": 12})
