@@ -31,13 +31,13 @@ def run_cli(home, *args):
     return subprocess.run([BIN, *args], env=env, check=True, capture_output=True, text=True)
 
 
-@pytest.fixture(scope="session")
-def server():
+def start_server(extra_env=None):
+    """Registers the small models in a fresh home and starts `mlxserver serve` on a free port."""
     home = tempfile.mkdtemp(prefix="mlxserver-compat-")
     run_cli(home, "pull", os.path.join(MODELS, "SmolLM2-135M-Instruct.Q4_1.gguf"), "--name", CHAT_MODEL)
     run_cli(home, "pull", os.path.join(MODELS, "all-MiniLM-L6-v2"), "--name", EMBED_MODEL)
     port = free_port()
-    env = dict(os.environ, MLXSERVER_HOME=home, RUST_LOG="warn")
+    env = dict(os.environ, MLXSERVER_HOME=home, RUST_LOG="warn", **(extra_env or {}))
     process = subprocess.Popen([BIN, "serve", "--port", str(port), "--api-key", API_KEY], env=env)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
@@ -50,10 +50,20 @@ def server():
     else:
         process.kill()
         raise RuntimeError("mlxserver did not start")
-    yield {"base": base, "key": API_KEY, "home": home, "port": port}
+    return process, {"base": base, "key": API_KEY, "home": home, "port": port}
+
+
+def stop_server(process, info):
     process.terminate()
     try:
         process.wait(timeout=30)
     except subprocess.TimeoutExpired:
         process.kill()
-    shutil.rmtree(home, ignore_errors=True)
+    shutil.rmtree(info["home"], ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def server():
+    process, info = start_server()
+    yield info
+    stop_server(process, info)

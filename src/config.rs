@@ -254,6 +254,8 @@ pub struct Config {
     pub max_loaded_models: usize,
     pub memory_limit: MemoryLimit,
     pub max_queue: usize,
+    /// The context window of a request that sets no `num_ctx` (Ollama's OLLAMA_CONTEXT_LENGTH).
+    pub context_length: usize,
     pub cors_origins: Vec<String>,
     pub max_body_bytes: u64,
     pub request_timeout: Duration,
@@ -277,6 +279,7 @@ impl Config {
             max_loaded_models: 3,
             memory_limit: MemoryLimit::Auto,
             max_queue: 64,
+            context_length: 4096,
             cors_origins: Vec::new(),
             max_body_bytes: 32 << 20,
             request_timeout: Duration::from_secs(600),
@@ -363,6 +366,14 @@ impl Config {
             "max_queue" => {
                 self.max_queue =
                     value.trim().parse().map_err(|_| invalid("a whole number"))?
+            }
+            "context_length" => {
+                self.context_length = value
+                    .trim()
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|tokens| *tokens >= 16)
+                    .ok_or_else(|| invalid("a number of tokens, at least 16"))?
             }
             "cors_origins" => {
                 self.cors_origins = value
@@ -462,6 +473,7 @@ impl Config {
             "max_loaded_models" => self.max_loaded_models.to_string(),
             "memory_limit" => self.memory_limit.to_string(),
             "max_queue" => self.max_queue.to_string(),
+            "context_length" => self.context_length.to_string(),
             "cors_origins" => self.cors_origins.join(","),
             "max_body_size" => format_bytes(self.max_body_bytes).replace(' ', ""),
             "request_timeout" => humantime::format_duration(self.request_timeout).to_string(),
@@ -492,6 +504,7 @@ impl Config {
         "max_loaded_models",
         "memory_limit",
         "max_queue",
+        "context_length",
         "cors_origins",
         "max_body_size",
         "request_timeout",
@@ -533,7 +546,7 @@ impl Config {
 
 fn typed_toml_value(key: &str, value: &str) -> toml::Value {
     match key {
-        "port" | "max_loaded_models" | "max_queue" | "engine.prefill_chunk" | "engine.max_batch"
+        "port" | "max_loaded_models" | "max_queue" | "context_length" | "engine.prefill_chunk" | "engine.max_batch"
         | "rag.top_k" => value.parse::<i64>().map(toml::Value::Integer).unwrap_or_else(|_| value.into()),
         "rag.min_score" => value.parse::<f64>().map(toml::Value::Float).unwrap_or_else(|_| value.into()),
         "metrics" => value.parse::<bool>().map(toml::Value::Boolean).unwrap_or_else(|_| value.into()),

@@ -51,7 +51,6 @@ impl ServiceError {
 pub type Result<T> = std::result::Result<T, ServiceError>;
 
 /// Context window of a request that sets no `num_ctx` (Ollama's default).
-pub const DEFAULT_CONTEXT: usize = 4096;
 
 /// One chat turn as the front ends pass it.
 #[derive(Debug, Clone, PartialEq)]
@@ -353,10 +352,10 @@ impl Service {
         parameters
     }
 
-    fn engine_request(prompt_tokens: Vec<u32>, frontend: &ChatFrontend, parameters: &Parameters, logprobs: Option<usize>) -> Result<GenerateRequest> {
+    fn engine_request(&self, prompt_tokens: Vec<u32>, frontend: &ChatFrontend, parameters: &Parameters, logprobs: Option<usize>) -> Result<GenerateRequest> {
         // As in Ollama, a request that sets no num_ctx gets a bounded window rather than the
         // model's whole context (which also bounds a small model that never stops).
-        let context = parameters.num_ctx.unwrap_or(DEFAULT_CONTEXT).min(frontend.context_length);
+        let context = parameters.num_ctx.unwrap_or(self.config.context_length).min(frontend.context_length);
         if prompt_tokens.len() >= context {
             return Err(EngineError::ContextOverflow { prompt: prompt_tokens.len(), limit: context }.into());
         }
@@ -417,7 +416,7 @@ impl Service {
         let prompt = Self::render_chat(&frontend, &modelfile, &messages)?;
         let tokens = frontend.encode_prompt(&prompt)?;
         let parameters = Self::effective_parameters(&modelfile, &request.options);
-        let engine_request = Self::engine_request(tokens, &frontend, &parameters, request.options.logprobs)?;
+        let engine_request = self.engine_request(tokens, &frontend, &parameters, request.options.logprobs)?;
         let generation = self.run(&resolved, lease, engine_request, started, sources).await?;
         Ok((generation, frontend))
     }
@@ -455,7 +454,7 @@ impl Service {
             }
         }
         let parameters = Self::effective_parameters(&modelfile, &request.options);
-        let engine_request = Self::engine_request(tokens, &frontend, &parameters, request.options.logprobs)?;
+        let engine_request = self.engine_request(tokens, &frontend, &parameters, request.options.logprobs)?;
         let generation = self.run(&resolved, lease, engine_request, started, Vec::new()).await?;
         Ok((generation, frontend))
     }

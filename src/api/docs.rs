@@ -51,7 +51,7 @@ use super::AppState;
         super::error::OpenAiErrorDetail,
         super::error::SimpleErrorBody
     )),
-    modifiers(&Security),
+    modifiers(&Security, &ErrorResponses),
     security(("api_key" = []), ("bearer" = [])),
     tags(
         (name = "server", description = "Server status"),
@@ -69,6 +69,44 @@ impl Modify for Security {
         let components = openapi.components.get_or_insert_with(Default::default);
         components.add_security_scheme("api_key", SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("X-API-Key"))));
         components.add_security_scheme("bearer", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()));
+    }
+}
+
+/// Documents on every operation the error answers any request may get (the family's error
+/// shape: OpenAI's under /v1, `{"error"}` elsewhere), so clients and checkers know them.
+struct ErrorResponses;
+
+impl Modify for ErrorResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        const ERRORS: &[(&str, &str)] = &[
+            ("400", "Invalid request (malformed JSON, bad parameter, bad name)"),
+            ("401", "Missing or wrong API key"),
+            ("404", "Unknown model, personality or collection"),
+            ("409", "The name is taken, or the model is in use"),
+            ("413", "Request body too large"),
+            ("500", "The server failed (e.g. a model could not be loaded)"),
+            ("503", "Server busy or shutting down"),
+        ];
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            let schema = if path.starts_with("/v1/") { "OpenAiErrorBody" } else { "SimpleErrorBody" };
+            let operations = [&mut item.get, &mut item.post, &mut item.delete, &mut item.put, &mut item.head];
+            for operation in operations.into_iter().flatten() {
+                if path == "/" || path == "/health" || path == "/api/version" {
+                    continue;
+                }
+                for (status, description) in ERRORS {
+                    if operation.responses.responses.contains_key(*status) {
+                        continue;
+                    }
+                    let response = ResponseBuilder::new()
+                        .description(*description)
+                        .content("application/json", ContentBuilder::new().schema(Some(Ref::from_schema_name(schema))).build())
+                        .build();
+                    operation.responses.responses.insert(status.to_string(), response.into());
+                }
+            }
+        }
     }
 }
 
