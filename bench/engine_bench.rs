@@ -58,6 +58,7 @@ fn main() {
                     context_length: None,
                     stop: vec![],
                     logprobs: None,
+                    grammar: None,
                 };
                 streams.push(engine.generate(1, request).expect("generate"));
             }

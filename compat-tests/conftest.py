@@ -67,3 +67,10 @@ def server():
     process, info = start_server()
     yield info
     stop_server(process, info)
+
+
+@pytest.fixture(scope="module")
+def metrics_server():
+    process, info = start_server({"MLXSERVER_METRICS": "true"})
+    yield info
+    stop_server(process, info)

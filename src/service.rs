@@ -13,7 +13,9 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::config::{Config, KeepAlive};
+use crate::engine::constrain::Grammar;
 use crate::engine::template::TemplateMessage;
+use crate::engine::tools::{self, ToolCall, ToolChoice, ToolFormat, ToolSpec};
 use crate::engine::{
     self, ChatFrontend, Completion, EmbedFrontend, Engine, EngineError, EngineEvent, Frontend, GenerateRequest, ModelKind,
     SamplingParams, TokenLogprob,
@@ -50,19 +52,42 @@ impl ServiceError {
 
 pub type Result<T> = std::result::Result<T, ServiceError>;
 
-/// Context window of a request that sets no `num_ctx` (Ollama's default).
-
 /// One chat turn as the front ends pass it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// Calls an assistant turn made.
+    pub tool_calls: Vec<ToolCall>,
+    /// The call a `tool` turn answers.
+    pub tool_call_id: Option<String>,
 }
 
 impl ChatMessage {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        ChatMessage { role: role.into(), content: content.into() }
+        ChatMessage { role: role.into(), content: content.into(), tool_calls: Vec::new(), tool_call_id: None }
     }
+
+    fn to_template(&self) -> TemplateMessage {
+        let tool_calls = (!self.tool_calls.is_empty()).then(|| {
+            serde_json::Value::Array(
+                self.tool_calls
+                    .iter()
+                    .map(|c| serde_json::json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
+                    .collect(),
+            )
+        });
+        TemplateMessage { tool_calls, tool_call_id: self.tool_call_id.clone(), ..TemplateMessage::new(&self.role, self.content.clone()) }
+    }
+}
+
+/// What the answer must look like.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OutputFormat {
+    /// Any JSON object.
+    Json,
+    /// JSON that validates against this schema.
+    JsonSchema(serde_json::Value),
 }
 
 /// Request options on top of the personality's parameters.
@@ -73,6 +98,8 @@ pub struct Options {
     pub parameters: Parameters,
     /// Report log-probabilities with this many alternatives per token.
     pub logprobs: Option<usize>,
+    /// Structured output, enforced by constrained decoding.
+    pub format: Option<OutputFormat>,
 }
 
 /// Retrieval settings of a request; unset fields take the collection's model and the
@@ -108,6 +135,9 @@ pub struct ChatRequest {
     pub options: Options,
     pub keep_alive: Option<KeepAlive>,
     pub rag: Option<RagOptions>,
+    /// Functions the model may call.
+    pub tools: Vec<ToolSpec>,
+    pub tool_choice: ToolChoice,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -310,18 +340,46 @@ impl Service {
         }
         let mut rest = messages.iter().peekable();
         while let Some(message) = rest.next_if(|m| m.role == "system") {
-            composed.push(TemplateMessage::new(&message.role, message.content.clone()));
+            composed.push(message.to_template());
         }
         composed.extend(modelfile.messages.iter().map(|m| TemplateMessage::new(&m.role, m.content.clone())));
-        composed.extend(rest.map(|m| TemplateMessage::new(&m.role, m.content.clone())));
+        composed.extend(rest.map(ChatMessage::to_template));
         composed
     }
 
     /// Renders messages with the personality's TEMPLATE when it has one, else the model's.
-    fn render_chat(frontend: &ChatFrontend, modelfile: &Modelfile, messages: &[TemplateMessage]) -> Result<String> {
+    fn render_chat(frontend: &ChatFrontend, modelfile: &Modelfile, messages: &[TemplateMessage], tools: Option<&serde_json::Value>) -> Result<String> {
         match &modelfile.template {
             Some(template) if !template.trim().is_empty() => Ok(render_custom_template(frontend, template, messages)?),
-            _ => Ok(frontend.template.render(messages, true, None)?),
+            _ => Ok(frontend.template.render(messages, true, tools)?),
+        }
+    }
+
+    /// Puts the offered tools and earlier calls into the conversation the way the template
+    /// can take them, and returns the `tools` value for the template (None when the template
+    /// knows no tools and they went into the system prompt) and the call format to expect.
+    fn prepare_tools(frontend: &ChatFrontend, modelfile: &Modelfile, messages: &mut Vec<TemplateMessage>, offered: &[ToolSpec]) -> (Option<serde_json::Value>, ToolFormat) {
+        let own_template = modelfile.template.as_ref().is_none_or(|t| t.trim().is_empty());
+        let source = &frontend.template.source;
+        if own_template && !frontend.template.is_fallback && source.contains("tools") {
+            let value = (!offered.is_empty()).then(|| tools::template_tools(offered));
+            (value, ToolFormat::of_template(source))
+        } else {
+            tools::inline_for_plain_template(messages, offered);
+            (None, ToolFormat::Hermes)
+        }
+    }
+
+    /// The grammar the answer must follow: a forced tool call, else the output format.
+    fn grammar_for(request: &ChatRequest, offered: &[ToolSpec], format: ToolFormat) -> Result<Option<Grammar>> {
+        match &request.tool_choice {
+            ToolChoice::Required if !offered.is_empty() => Ok(Some(format.forced_call(offered))),
+            ToolChoice::Required => Err(ServiceError::BadRequest("tool_choice is required but no tools were given".into())),
+            ToolChoice::Named(name) => match offered.iter().find(|t| &t.name == name) {
+                Some(tool) => Ok(Some(format.forced_call(std::slice::from_ref(tool)))),
+                None => Err(ServiceError::BadRequest(format!("tool_choice names '{name}', which is not among the tools"))),
+            },
+            _ => Ok(output_grammar(&request.options.format)),
         }
     }
 
@@ -352,7 +410,7 @@ impl Service {
         parameters
     }
 
-    fn engine_request(&self, prompt_tokens: Vec<u32>, frontend: &ChatFrontend, parameters: &Parameters, logprobs: Option<usize>) -> Result<GenerateRequest> {
+    fn engine_request(&self, prompt_tokens: Vec<u32>, frontend: &ChatFrontend, parameters: &Parameters, logprobs: Option<usize>, grammar: Option<Grammar>) -> Result<GenerateRequest> {
         // As in Ollama, a request that sets no num_ctx gets a bounded window rather than the
         // model's whole context (which also bounds a small model that never stops).
         let context = parameters.num_ctx.unwrap_or(self.config.context_length).min(frontend.context_length);
@@ -370,6 +428,7 @@ impl Service {
             context_length: Some(context),
             stop: parameters.stop.clone(),
             logprobs,
+            grammar,
         })
     }
 
@@ -413,10 +472,13 @@ impl Service {
         if request.rag.is_some() {
             inject_sources(&mut messages, &sources);
         }
-        let prompt = Self::render_chat(&frontend, &modelfile, &messages)?;
+        let offered: &[ToolSpec] = if request.tool_choice == ToolChoice::None { &[] } else { &request.tools };
+        let (template_tools, tool_format) = Self::prepare_tools(&frontend, &modelfile, &mut messages, offered);
+        let grammar = Self::grammar_for(&request, offered, tool_format)?;
+        let prompt = Self::render_chat(&frontend, &modelfile, &messages, template_tools.as_ref())?;
         let tokens = frontend.encode_prompt(&prompt)?;
         let parameters = Self::effective_parameters(&modelfile, &request.options);
-        let engine_request = self.engine_request(tokens, &frontend, &parameters, request.options.logprobs)?;
+        let engine_request = self.engine_request(tokens, &frontend, &parameters, request.options.logprobs, grammar)?;
         let generation = self.run(&resolved, lease, engine_request, started, sources).await?;
         Ok((generation, frontend))
     }
@@ -446,7 +508,7 @@ impl Service {
             }
         } else {
             let messages = Self::compose_messages(&modelfile, &[ChatMessage::new("user", request.prompt.clone())]);
-            let prompt = Self::render_chat(&frontend, &modelfile, &messages)?;
+            let prompt = Self::render_chat(&frontend, &modelfile, &messages, None)?;
             if request.context.is_empty() {
                 tokens = frontend.encode_prompt(&prompt)?;
             } else {
@@ -454,7 +516,8 @@ impl Service {
             }
         }
         let parameters = Self::effective_parameters(&modelfile, &request.options);
-        let engine_request = self.engine_request(tokens, &frontend, &parameters, request.options.logprobs)?;
+        let grammar = output_grammar(&request.options.format);
+        let engine_request = self.engine_request(tokens, &frontend, &parameters, request.options.logprobs, grammar)?;
         let generation = self.run(&resolved, lease, engine_request, started, Vec::new()).await?;
         Ok((generation, frontend))
     }
@@ -504,6 +567,14 @@ impl Service {
 }
 
 /// Puts retrieved chunks into the conversation: appended to the system message, or as one.
+fn output_grammar(format: &Option<OutputFormat>) -> Option<Grammar> {
+    match format {
+        Some(OutputFormat::Json) => Some(Grammar::JsonObject),
+        Some(OutputFormat::JsonSchema(schema)) => Some(Grammar::JsonSchema(schema.clone())),
+        None => None,
+    }
+}
+
 fn inject_sources(messages: &mut Vec<TemplateMessage>, sources: &[Source]) {
     let context = if sources.is_empty() {
         "No document in the index matched this question; say that the documents do not cover it if you cannot answer from general knowledge.".to_string()

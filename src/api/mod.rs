@@ -351,3 +351,22 @@ mod tests {
         assert!(!is_public("/docsx"));
     }
 }
+
+/// A generated token's log-probability as the APIs report it: the token as text and its
+/// likeliest alternatives as text.
+pub(crate) struct ReportedLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub top: Vec<(String, f32)>,
+}
+
+/// `text` is what the token added to the answer; it is empty while a multi-byte character
+/// is incomplete, and then the token's own decoding stands in.
+pub(crate) fn reported_logprob(tokenizer: &tokenizers::Tokenizer, text: &str, logprob: &crate::engine::TokenLogprob) -> ReportedLogprob {
+    let token_text = |id: u32| tokenizer.decode(&[id], false).unwrap_or_default();
+    ReportedLogprob {
+        token: if text.is_empty() { token_text(logprob.token) } else { text.to_string() },
+        logprob: logprob.logprob,
+        top: logprob.top.iter().map(|top| (token_text(top.token), top.logprob)).collect(),
+    }
+}

@@ -88,9 +88,10 @@ pub async fn generate(State(state): State<AppState>, ApiJson(request): ApiJson<G
         .chat(service::ChatRequest {
             model: request.personality_name.clone(),
             messages: vec![ChatMessage::new("user", request.prompt)],
-            options: Options { defaults: Default::default(), parameters, logprobs: None },
+            options: Options { defaults: Default::default(), parameters, logprobs: None, format: None },
             keep_alive: None,
             rag,
+            ..Default::default()
         })
         .await?;
     let rag_asked = request.use_rag || request.rag.is_some();

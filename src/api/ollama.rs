@@ -2,6 +2,7 @@
 //! shared [`Service`](crate::service::Service). Streams are NDJSON; an error before the first
 //! byte gets an HTTP status, after it an `{"error": ...}` line.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use axum::body::Body;
@@ -17,8 +18,9 @@ use super::error::{json_response, ApiError, ApiJson};
 use super::ollama_types::*;
 use super::AppState;
 use crate::config::KeepAlive;
-use crate::engine::{Completion, EngineEvent, FinishReason, ModelKind};
-use crate::service::{self, ChatMessage, Generation, Options as ServiceOptions, RagOptions};
+use crate::engine::tools::{self, ToolCall, ToolChoice, ToolSpec};
+use crate::engine::{Completion, EngineEvent, FinishReason, ModelKind, TokenLogprob};
+use crate::service::{self, ChatMessage, Generation, Options as ServiceOptions, OutputFormat, RagOptions};
 use crate::store::{self, Entry};
 
 pub fn router() -> Router<AppState> {
@@ -48,24 +50,48 @@ fn keep_alive(value: &Option<KeepAliveValue>) -> Result<Option<KeepAlive>, ApiEr
     value.as_ref().map(|v| v.parse().map_err(|e| ApiError::invalid_param("keep_alive", e))).transpose()
 }
 
-fn options(value: &Option<Options>) -> Result<ServiceOptions, ApiError> {
+fn options(value: &Option<Options>, format: &Option<FormatValue>, logprobs: Option<bool>, top_logprobs: Option<usize>) -> Result<ServiceOptions, ApiError> {
     let parameters = value.as_ref().map(Options::to_parameters).transpose().map_err(|e| ApiError::invalid_param("options", e))?;
-    Ok(ServiceOptions { defaults: Default::default(), parameters: parameters.unwrap_or_default(), logprobs: None })
+    if top_logprobs.is_some_and(|n| n > 20) {
+        return Err(ApiError::invalid_param("top_logprobs", "top_logprobs must be between 0 and 20"));
+    }
+    let logprobs = (logprobs == Some(true)).then(|| top_logprobs.unwrap_or(0));
+    Ok(ServiceOptions { defaults: Default::default(), parameters: parameters.unwrap_or_default(), logprobs, format: output_format(format)? })
 }
 
-fn reject_unsupported(images: bool, format: &Option<FormatValue>, suffix: Option<&str>) -> Result<(), ApiError> {
+/// Ollama's `format`: "json", a JSON schema, or nothing.
+fn output_format(format: &Option<FormatValue>) -> Result<Option<OutputFormat>, ApiError> {
+    match format {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(text)) if text.is_empty() => Ok(None),
+        Some(serde_json::Value::String(text)) if text == "json" => Ok(Some(OutputFormat::Json)),
+        Some(schema @ serde_json::Value::Object(_)) => Ok(Some(OutputFormat::JsonSchema(schema.clone()))),
+        Some(_) => Err(ApiError::invalid_param("format", "format must be \"json\" or a JSON schema object")),
+    }
+}
+
+fn reject_unsupported(images: bool, suffix: Option<&str>) -> Result<(), ApiError> {
     if images {
         return Err(ApiError::invalid_param("images", "images are not supported: mlxserver serves text models"));
     }
     if suffix.is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid_param("suffix", "suffix (fill-in-the-middle) is not supported"));
     }
-    if let Some(format) = format {
-        if !(format.is_null() || format.as_str() == Some("")) {
-            return Err(ApiError::invalid_param("format", "structured output (format) is not supported yet"));
-        }
-    }
     Ok(())
+}
+
+fn logprob(tokenizer: &tokenizers::Tokenizer, text: &str, logprob: &TokenLogprob) -> Logprob {
+    let reported = super::reported_logprob(tokenizer, text, logprob);
+    Logprob {
+        bytes: Some(reported.token.as_bytes().to_vec()),
+        token: reported.token,
+        logprob: reported.logprob,
+        top_logprobs: reported
+            .top
+            .into_iter()
+            .map(|(token, logprob)| TopLogprob { bytes: Some(token.as_bytes().to_vec()), token, logprob })
+            .collect(),
+    }
 }
 
 fn metrics(generation_started: std::time::Instant, load: Duration, completion: &Completion) -> Metrics {
@@ -119,8 +145,9 @@ async fn load_only(state: &AppState, model: &str, keep_alive: Option<KeepAlive>)
     responses((status = 200, description = "NDJSON stream of GenerateResponse objects, or one when stream is false", body = GenerateResponse),
               (status = 400, body = super::error::SimpleErrorBody), (status = 404, body = super::error::SimpleErrorBody)))]
 pub async fn generate(State(state): State<AppState>, ApiJson(request): ApiJson<GenerateRequest>) -> Result<Response, ApiError> {
-    reject_unsupported(request.images.as_ref().is_some_and(|i| !i.is_empty()), &request.format, request.suffix.as_deref())?;
+    reject_unsupported(request.images.as_ref().is_some_and(|i| !i.is_empty()), request.suffix.as_deref())?;
     let keep_alive = keep_alive(&request.keep_alive)?;
+    let options = options(&request.options, &request.format, request.logprobs, request.top_logprobs)?;
     if request.prompt.is_empty() && request.context.as_ref().is_none_or(Vec::is_empty) {
         let (model, reason) = load_only(&state, &request.model, keep_alive).await?;
         let response = GenerateResponse {
@@ -130,6 +157,7 @@ pub async fn generate(State(state): State<AppState>, ApiJson(request): ApiJson<G
             done: true,
             done_reason: Some(reason.into()),
             context: None,
+            logprobs: None,
             metrics: Metrics::default(),
             rag: None,
         };
@@ -147,13 +175,13 @@ pub async fn generate(State(state): State<AppState>, ApiJson(request): ApiJson<G
             messages.push(ChatMessage::new("system", system.clone()));
         }
         messages.push(ChatMessage::new("user", request.prompt.clone()));
-        let (generation, _) = state
+        let (generation, frontend) = state
             .service
-            .chat(service::ChatRequest { model: request.model.clone(), messages, options: options(&request.options)?, keep_alive, rag: Some(rag) })
+            .chat(service::ChatRequest { model: request.model.clone(), messages, options, keep_alive, rag: Some(rag), ..Default::default() })
             .await?;
-        return finish_generate(generation, request.stream.unwrap_or(true), true).await;
+        return finish_generate(generation, frontend.tokenizer.clone(), request.stream.unwrap_or(true), true).await;
     }
-    let (generation, _) = state
+    let (generation, frontend) = state
         .service
         .complete(service::CompletionRequest {
             model: request.model.clone(),
@@ -162,16 +190,16 @@ pub async fn generate(State(state): State<AppState>, ApiJson(request): ApiJson<G
             template: request.template,
             raw: request.raw.unwrap_or(false),
             context: request.context.unwrap_or_default(),
-            options: options(&request.options)?,
+            options,
             keep_alive,
         })
         .await?;
-    finish_generate(generation, request.stream.unwrap_or(true), false).await
+    finish_generate(generation, frontend.tokenizer.clone(), request.stream.unwrap_or(true), false).await
 }
 
-async fn finish_generate(generation: Generation, stream: bool, rag_asked: bool) -> Result<Response, ApiError> {
+async fn finish_generate(generation: Generation, tokenizer: Arc<tokenizers::Tokenizer>, stream: bool, rag_asked: bool) -> Result<Response, ApiError> {
     if stream {
-        return Ok(ndjson(generate_stream(generation, rag_asked)));
+        return Ok(ndjson(generate_stream(generation, tokenizer, rag_asked)));
     }
     let model = generation.model.clone();
     let started = generation.started;
@@ -187,21 +215,30 @@ async fn finish_generate(generation: Generation, stream: bool, rag_asked: bool) 
         done: true,
         done_reason: Some(done_reason(collected.completion.finish_reason)),
         context: Some(context),
+        logprobs: logprobs_of(&tokenizer, &collected.logprobs),
         metrics: metrics(started, load, &collected.completion),
         rag,
     };
     Ok(json_response(StatusCode::OK, &response))
 }
 
-fn generate_stream(mut generation: Generation, rag_asked: bool) -> impl Stream<Item = serde_json::Value> + Send + 'static {
+fn logprobs_of(tokenizer: &tokenizers::Tokenizer, collected: &[(String, TokenLogprob)]) -> Option<Vec<Logprob>> {
+    (!collected.is_empty()).then(|| collected.iter().map(|(_, lp)| logprob(tokenizer, "", lp)).collect())
+}
+
+fn generate_stream(mut generation: Generation, tokenizer: Arc<tokenizers::Tokenizer>, rag_asked: bool) -> impl Stream<Item = serde_json::Value> + Send + 'static {
     async_stream::stream! {
         let model = generation.model.clone();
         let mut context = generation.prompt_tokens.clone();
         while let Some(event) = generation.next().await {
             match event {
-                EngineEvent::Token { text, .. } => {
-                    if text.is_empty() { continue; }
-                    yield serde_json::json!({"model": model, "created_at": rfc3339(SystemTime::now()), "response": text, "done": false});
+                EngineEvent::Token { text, logprob: token_logprob, .. } => {
+                    if text.is_empty() && token_logprob.is_none() { continue; }
+                    let mut chunk = serde_json::json!({"model": model, "created_at": rfc3339(SystemTime::now()), "response": text, "done": false});
+                    if let Some(lp) = &token_logprob {
+                        chunk["logprobs"] = serde_json::json!([logprob(&tokenizer, &text, lp)]);
+                    }
+                    yield chunk;
                 }
                 EngineEvent::Done(completion) => {
                     context.extend(&completion.tokens);
@@ -212,6 +249,7 @@ fn generate_stream(mut generation: Generation, rag_asked: bool) -> impl Stream<I
                         done: true,
                         done_reason: Some(done_reason(completion.finish_reason)),
                         context: Some(std::mem::take(&mut context)),
+                        logprobs: None,
                         metrics: metrics(generation.started, generation.load_duration, &completion),
                         rag: sources_value(&generation.sources, rag_asked),
                     };
@@ -234,12 +272,47 @@ fn chat_messages(messages: &[Message]) -> Result<Vec<ChatMessage>, ApiError> {
             if message.images.as_ref().is_some_and(|i| !i.is_empty()) {
                 return Err(ApiError::invalid_param("messages", "images are not supported: mlxserver serves text models"));
             }
-            match message.role.as_str() {
-                "system" | "user" | "assistant" | "tool" => Ok(ChatMessage::new(&message.role, &message.content)),
-                other => Err(ApiError::invalid_param("messages", format!("unknown role '{other}'"))),
+            if !matches!(message.role.as_str(), "system" | "user" | "assistant" | "tool") {
+                return Err(ApiError::invalid_param("messages", format!("unknown role '{}'", message.role)));
             }
+            let mut converted = ChatMessage::new(&message.role, &message.content);
+            for call in message.tool_calls.iter().flatten() {
+                let name = call["function"]["name"].as_str().ok_or_else(|| ApiError::invalid_param("messages", "a tool call needs function.name"))?;
+                let arguments = match &call["function"]["arguments"] {
+                    serde_json::Value::String(text) => serde_json::from_str(text).unwrap_or(serde_json::Value::String(text.clone())),
+                    serde_json::Value::Null => serde_json::json!({}),
+                    other => other.clone(),
+                };
+                converted.tool_calls.push(ToolCall::new(name, arguments));
+            }
+            converted.tool_call_id = message.tool_name.clone();
+            Ok(converted)
         })
         .collect()
+}
+
+/// Ollama's `tools`: `[{"type": "function", "function": {name, description, parameters}}]`.
+fn tool_specs(tools: &Option<Vec<serde_json::Value>>) -> Result<Vec<ToolSpec>, ApiError> {
+    tools
+        .iter()
+        .flatten()
+        .map(|tool| {
+            let function = tool.get("function").unwrap_or(tool);
+            serde_json::from_value::<ToolSpec>(function.clone()).map_err(|e| ApiError::invalid_param("tools", format!("invalid tool: {e}")))
+        })
+        .collect()
+}
+
+fn ollama_tool_calls(calls: &[ToolCall]) -> Vec<serde_json::Value> {
+    calls.iter().map(|c| serde_json::json!({"id": c.id, "function": {"name": c.name, "arguments": c.arguments}})).collect()
+}
+
+/// The answer's message: tool calls when it made some, else its text.
+fn answer_message(text: String, tools: &[ToolSpec]) -> Message {
+    match tools::parse_offered_calls(&text, tools) {
+        Some((content, calls)) => Message { tool_calls: Some(ollama_tool_calls(&calls)), ..Message::assistant(content) },
+        None => Message::assistant(text),
+    }
 }
 
 /// Generate the next message of a chat.
@@ -247,10 +320,8 @@ fn chat_messages(messages: &[Message]) -> Result<Vec<ChatMessage>, ApiError> {
     responses((status = 200, description = "NDJSON stream of ChatResponse objects, or one when stream is false", body = ChatResponse),
               (status = 400, body = super::error::SimpleErrorBody), (status = 404, body = super::error::SimpleErrorBody)))]
 pub async fn chat(State(state): State<AppState>, ApiJson(request): ApiJson<ChatRequest>) -> Result<Response, ApiError> {
-    reject_unsupported(false, &request.format, None)?;
-    if request.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-        return Err(ApiError::invalid_param("tools", "tool calling is not supported yet"));
-    }
+    let options = options(&request.options, &request.format, request.logprobs, request.top_logprobs)?;
+    let tools = tool_specs(&request.tools)?;
     let keep_alive = keep_alive(&request.keep_alive)?;
     let messages = chat_messages(&request.messages)?;
     if messages.is_empty() {
@@ -258,22 +329,23 @@ pub async fn chat(State(state): State<AppState>, ApiJson(request): ApiJson<ChatR
         let response = ChatResponse {
             model,
             created_at: rfc3339(SystemTime::now()),
-            message: Message { role: "assistant".into(), content: String::new(), images: None, tool_calls: None },
+            message: Message::assistant(String::new()),
             done: true,
             done_reason: Some(reason.into()),
+            logprobs: None,
             metrics: Metrics::default(),
             rag: None,
         };
         return Ok(json_response(StatusCode::OK, &response));
     }
     let rag = request.rag.as_ref().map(RagOptions::from_value).transpose().map_err(|e| ApiError::invalid_param("rag", e))?.flatten();
-    let (generation, _) = state
+    let (generation, frontend) = state
         .service
-        .chat(service::ChatRequest { model: request.model.clone(), messages, options: options(&request.options)?, keep_alive, rag })
+        .chat(service::ChatRequest { model: request.model.clone(), messages, options, keep_alive, rag, tools: tools.clone(), tool_choice: ToolChoice::Auto })
         .await?;
     if request.stream.unwrap_or(true) {
         let asked = request.rag.as_ref().is_some_and(|r| !r.is_null() && *r != serde_json::Value::Bool(false));
-        return Ok(ndjson(chat_stream(generation, asked)));
+        return Ok(ndjson(chat_stream(generation, frontend.tokenizer.clone(), tools, asked)));
     }
     let model = generation.model.clone();
     let started = generation.started;
@@ -283,9 +355,10 @@ pub async fn chat(State(state): State<AppState>, ApiJson(request): ApiJson<ChatR
     let response = ChatResponse {
         model,
         created_at: rfc3339(SystemTime::now()),
-        message: Message { role: "assistant".into(), content: collected.text, images: None, tool_calls: None },
+        message: answer_message(collected.text, &tools),
         done: true,
         done_reason: Some(done_reason(collected.completion.finish_reason)),
+        logprobs: logprobs_of(&frontend.tokenizer, &collected.logprobs),
         metrics: metrics(started, load, &collected.completion),
         rag,
     };
@@ -297,22 +370,42 @@ pub fn sources_value(sources: &[crate::rag::Source], asked: bool) -> Option<serd
     asked.then(|| serde_json::json!({ "sources": sources }))
 }
 
-fn chat_stream(mut generation: Generation, rag_asked: bool) -> impl Stream<Item = serde_json::Value> + Send + 'static {
+fn chat_stream(mut generation: Generation, tokenizer: Arc<tokenizers::Tokenizer>, tools: Vec<ToolSpec>, rag_asked: bool) -> impl Stream<Item = serde_json::Value> + Send + 'static {
     async_stream::stream! {
         let model = generation.model.clone();
+        // With tools offered, text that may be the start of a call is held back until it
+        // is clearly not one; a call is sent whole, as Ollama does.
+        let mut held = String::new();
+        let mut holding = !tools.is_empty();
         while let Some(event) = generation.next().await {
             match event {
-                EngineEvent::Token { text, .. } => {
-                    if text.is_empty() { continue; }
-                    yield serde_json::json!({"model": model, "created_at": rfc3339(SystemTime::now()), "message": {"role": "assistant", "content": text}, "done": false});
+                EngineEvent::Token { text, logprob: token_logprob, .. } => {
+                    let logprobs = token_logprob.as_ref().map(|lp| vec![logprob(&tokenizer, &text, lp)]);
+                    let content = if holding {
+                        held.push_str(&text);
+                        if tools::may_become_call(&held) { String::new() } else { holding = false; std::mem::take(&mut held) }
+                    } else {
+                        text
+                    };
+                    if content.is_empty() && logprobs.is_none() { continue; }
+                    let mut chunk = serde_json::json!({"model": model, "created_at": rfc3339(SystemTime::now()), "message": {"role": "assistant", "content": content}, "done": false});
+                    if let Some(logprobs) = logprobs {
+                        chunk["logprobs"] = serde_json::json!(logprobs);
+                    }
+                    yield chunk;
                 }
                 EngineEvent::Done(completion) => {
+                    if !held.is_empty() {
+                        let message = answer_message(std::mem::take(&mut held), &tools);
+                        yield serde_json::json!({"model": model, "created_at": rfc3339(SystemTime::now()), "message": message, "done": false});
+                    }
                     let response = ChatResponse {
                         model: model.clone(),
                         created_at: rfc3339(SystemTime::now()),
-                        message: Message { role: "assistant".into(), content: String::new(), images: None, tool_calls: None },
+                        message: Message::assistant(String::new()),
                         done: true,
                         done_reason: Some(done_reason(completion.finish_reason)),
+                        logprobs: None,
                         metrics: metrics(generation.started, generation.load_duration, &completion),
                         rag: sources_value(&generation.sources, rag_asked),
                     };

@@ -96,8 +96,39 @@ pub struct Message {
     /// Images are not supported by mlxserver's text models; sending some is an error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub images: Option<Vec<String>>,
+    /// Calls an assistant turn made: `[{"function": {"name", "arguments": {...}}}]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
     pub tool_calls: Option<Vec<serde_json::Value>>,
+    /// On a `tool` turn: the function whose result this is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_name: Option<String>,
+}
+
+impl Message {
+    pub fn assistant(content: String) -> Message {
+        Message { role: "assistant".into(), content, images: None, tool_calls: None, tool_name: None }
+    }
+}
+
+/// The log-probability of one generated token, with the likeliest alternatives.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct Logprob {
+    pub token: String,
+    pub logprob: f32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<Vec<u8>>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+/// One of the likeliest tokens at a step.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<Vec<u8>>,
 }
 
 /// `format`: "json" or a JSON schema.
@@ -129,6 +160,10 @@ pub struct GenerateRequest {
     pub keep_alive: Option<KeepAliveValue>,
     /// `context` of an earlier response, to continue that exchange.
     pub context: Option<Vec<u32>>,
+    /// Report the log-probability of each generated token.
+    pub logprobs: Option<bool>,
+    /// With `logprobs`: this many alternatives per token (0-20).
+    pub top_logprobs: Option<usize>,
     /// Retrieval-augmented generation (mlxserver extension).
     #[schema(value_type = Option<Object>)]
     pub rag: Option<serde_json::Value>,
@@ -149,6 +184,10 @@ pub struct ChatRequest {
     /// Stream NDJSON objects (default true).
     pub stream: Option<bool>,
     pub keep_alive: Option<KeepAliveValue>,
+    /// Report the log-probability of each generated token.
+    pub logprobs: Option<bool>,
+    /// With `logprobs`: this many alternatives per token (0-20).
+    pub top_logprobs: Option<usize>,
     /// Retrieval-augmented generation (mlxserver extension).
     #[schema(value_type = Option<Object>)]
     pub rag: Option<serde_json::Value>,
@@ -185,6 +224,8 @@ pub struct GenerateResponse {
     /// Token ids of this exchange, to pass back as `context`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub context: Option<Vec<u32>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<Vec<Logprob>>,
     #[serde(flatten)]
     pub metrics: Metrics,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -201,6 +242,8 @@ pub struct ChatResponse {
     pub done: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub done_reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<Vec<Logprob>>,
     #[serde(flatten)]
     pub metrics: Metrics,
     #[serde(skip_serializing_if = "Option::is_none")]

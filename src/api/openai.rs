@@ -13,8 +13,11 @@ use async_openai::types::chat::{
     ChatCompletionRequestUserMessageContent, ChatCompletionRequestUserMessageContentPart, ChatCompletionResponseMessage,
     ChatCompletionStreamResponseDelta, ChatCompletionTokenLogprob, CompletionUsage, CreateChatCompletionRequest,
     CreateChatCompletionResponse, CreateChatCompletionStreamResponse, FinishReason as OpenAiFinishReason, ResponseFormat,
-    Role, StopConfiguration, TopLogprobs,
+    Role, StopConfiguration, TopLogprobs, ChatCompletionMessageToolCall, ChatCompletionMessageToolCallChunk,
+    ChatCompletionMessageToolCalls, ChatCompletionToolChoiceOption, ChatCompletionTools, FunctionCallStream, FunctionType,
+    ToolChoiceOptions,
 };
+use async_openai::types::chat::FunctionCall;
 use async_openai::types::chat::{Choice, CompletionFinishReason, Prompt};
 use async_openai::types::completions::{CreateCompletionRequest, CreateCompletionResponse};
 use async_openai::types::embeddings::{
@@ -33,8 +36,9 @@ use serde::Deserialize;
 
 use super::error::{json_response, ApiError, ApiJson, Family};
 use super::AppState;
+use crate::engine::tools::{self, ToolCall, ToolChoice, ToolSpec};
 use crate::engine::{EngineEvent, FinishReason, TokenLogprob};
-use crate::service::{self, ChatMessage, Collected, Generation, Options, RagOptions};
+use crate::service::{self, ChatMessage, Collected, Generation, Options, OutputFormat, RagOptions};
 use crate::store::{Entry, Parameters};
 
 pub fn router() -> Router<AppState> {
@@ -108,7 +112,8 @@ fn messages_of(messages: &[ChatCompletionRequestMessage]) -> Result<Vec<ChatMess
                     })?,
                 },
             ),
-            ChatCompletionRequestMessage::Assistant(m) => ChatMessage::new(
+            ChatCompletionRequestMessage::Assistant(m) => {
+                let mut converted = ChatMessage::new(
                 "assistant",
                 match &m.content {
                     Some(ChatCompletionRequestAssistantMessageContent::Text(text)) => text.clone(),
@@ -118,14 +123,25 @@ fn messages_of(messages: &[ChatCompletionRequestMessage]) -> Result<Vec<ChatMess
                     })?,
                     None => String::new(),
                 },
-            ),
-            ChatCompletionRequestMessage::Tool(m) => ChatMessage::new(
-                "tool",
-                match &m.content {
-                    ChatCompletionRequestToolMessageContent::Text(text) => text.clone(),
-                    ChatCompletionRequestToolMessageContent::Array(parts) => parts.iter().map(|p| serde_json::to_string(p).unwrap_or_default()).collect(),
-                },
-            ),
+            );
+                for call in m.tool_calls.iter().flatten() {
+                    if let ChatCompletionMessageToolCalls::Function(call) = call {
+                        let arguments = serde_json::from_str(&call.function.arguments).unwrap_or(serde_json::Value::String(call.function.arguments.clone()));
+                        converted.tool_calls.push(ToolCall { id: call.id.clone(), name: call.function.name.clone(), arguments });
+                    }
+                }
+                converted
+            }
+            ChatCompletionRequestMessage::Tool(m) => ChatMessage {
+                tool_call_id: Some(m.tool_call_id.clone()),
+                ..ChatMessage::new(
+                    "tool",
+                    match &m.content {
+                        ChatCompletionRequestToolMessageContent::Text(text) => text.clone(),
+                        ChatCompletionRequestToolMessageContent::Array(parts) => parts.iter().map(|p| serde_json::to_string(p).unwrap_or_default()).collect(),
+                    },
+                )
+            },
             ChatCompletionRequestMessage::Function(m) => ChatMessage::new("tool", m.content.clone().unwrap_or_default()),
         };
         out.push(converted);
@@ -160,13 +176,11 @@ fn chat_options(body: &ChatCompletionBody) -> Result<Options, ApiError> {
     check_range("top_p", request.top_p, 0.0..=1.0)?;
     check_range("presence_penalty", request.presence_penalty, -2.0..=2.0)?;
     check_range("frequency_penalty", request.frequency_penalty, -2.0..=2.0)?;
-    match &request.response_format {
-        None | Some(ResponseFormat::Text) => {}
-        Some(_) => return Err(ApiError::invalid_param("response_format", "structured output (response_format) is not supported yet")),
-    }
-    if request.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-        return Err(ApiError::invalid_param("tools", "tool calling is not supported yet"));
-    }
+    let format = match &request.response_format {
+        None | Some(ResponseFormat::Text) => None,
+        Some(ResponseFormat::JsonObject) => Some(OutputFormat::Json),
+        Some(ResponseFormat::JsonSchema { json_schema }) => Some(OutputFormat::JsonSchema(json_schema.schema.clone())),
+    };
     let top_logprobs = request.top_logprobs.map(usize::from);
     if top_logprobs.is_some_and(|n| n > 20) {
         return Err(ApiError::invalid_param("top_logprobs", "top_logprobs must be between 0 and 20"));
@@ -189,7 +203,54 @@ fn chat_options(body: &ChatCompletionBody) -> Result<Options, ApiError> {
         ..Default::default()
     };
     let logprobs = (request.logprobs == Some(true)).then(|| top_logprobs.unwrap_or(0));
-    Ok(Options { defaults: openai_defaults(), parameters, logprobs })
+    Ok(Options { defaults: openai_defaults(), parameters, logprobs, format })
+}
+
+fn tools_of(request: &CreateChatCompletionRequest) -> Result<(Vec<ToolSpec>, ToolChoice), ApiError> {
+    let mut specs = Vec::new();
+    for tool in request.tools.iter().flatten() {
+        match tool {
+            ChatCompletionTools::Function(tool) => specs.push(ToolSpec {
+                name: tool.function.name.clone(),
+                description: tool.function.description.clone(),
+                parameters: tool.function.parameters.clone().unwrap_or_else(|| serde_json::json!({"type": "object", "properties": {}})),
+            }),
+            ChatCompletionTools::Custom(_) => return Err(ApiError::invalid_param("tools", "only function tools are supported")),
+        }
+    }
+    let choice = match &request.tool_choice {
+        None | Some(ChatCompletionToolChoiceOption::Mode(ToolChoiceOptions::Auto)) => ToolChoice::Auto,
+        Some(ChatCompletionToolChoiceOption::Mode(ToolChoiceOptions::None)) => ToolChoice::None,
+        Some(ChatCompletionToolChoiceOption::Mode(ToolChoiceOptions::Required)) => ToolChoice::Required,
+        Some(ChatCompletionToolChoiceOption::Function(named)) => ToolChoice::Named(named.function.name.clone()),
+        Some(_) => return Err(ApiError::invalid_param("tool_choice", "tool_choice must be none, auto, required or a named function")),
+    };
+    Ok((specs, choice))
+}
+
+fn openai_tool_calls(calls: &[ToolCall]) -> Vec<ChatCompletionMessageToolCalls> {
+    calls
+        .iter()
+        .map(|call| {
+            ChatCompletionMessageToolCalls::Function(ChatCompletionMessageToolCall {
+                id: call.id.clone(),
+                function: FunctionCall { name: call.name.clone(), arguments: call.arguments.to_string() },
+            })
+        })
+        .collect()
+}
+
+fn tool_call_chunks(calls: &[ToolCall]) -> Vec<ChatCompletionMessageToolCallChunk> {
+    calls
+        .iter()
+        .enumerate()
+        .map(|(index, call)| ChatCompletionMessageToolCallChunk {
+            index: index as u32,
+            id: Some(call.id.clone()),
+            r#type: Some(FunctionType::Function),
+            function: Some(FunctionCallStream { name: Some(call.name.clone()), arguments: Some(call.arguments.to_string()) }),
+        })
+        .collect()
 }
 
 /// OpenAI's sampling defaults: temperature 1, nucleus 1, no top-k and no repeat penalty
@@ -211,19 +272,15 @@ fn usage(prompt: usize, completion: usize) -> CompletionUsage {
 }
 
 fn token_logprob(tokenizer: &tokenizers::Tokenizer, text: &str, logprob: &TokenLogprob) -> ChatCompletionTokenLogprob {
-    let token_text = |id: u32| tokenizer.decode(&[id], false).unwrap_or_default();
-    let shown = if text.is_empty() { token_text(logprob.token) } else { text.to_string() };
+    let reported = super::reported_logprob(tokenizer, text, logprob);
     ChatCompletionTokenLogprob {
-        bytes: Some(shown.as_bytes().to_vec()),
-        token: shown,
-        logprob: logprob.logprob,
-        top_logprobs: logprob
+        bytes: Some(reported.token.as_bytes().to_vec()),
+        token: reported.token,
+        logprob: reported.logprob,
+        top_logprobs: reported
             .top
-            .iter()
-            .map(|top| {
-                let text = token_text(top.token);
-                TopLogprobs { bytes: Some(text.as_bytes().to_vec()), token: text, logprob: top.logprob }
-            })
+            .into_iter()
+            .map(|(token, logprob)| TopLogprobs { bytes: Some(token.as_bytes().to_vec()), token, logprob })
             .collect(),
     }
 }
@@ -250,6 +307,7 @@ where
 pub async fn chat_completions(State(state): State<AppState>, ApiJson(body): ApiJson<ChatCompletionBody>) -> Result<Response, ApiError> {
     let options = chat_options(&body)?;
     let request = &body.request;
+    let (tools, tool_choice) = tools_of(request)?;
     let messages = messages_of(&request.messages)?;
     if messages.is_empty() {
         return Err(ApiError::invalid_param("messages", "messages must not be empty"));
@@ -261,11 +319,12 @@ pub async fn chat_completions(State(state): State<AppState>, ApiJson(body): ApiJ
     let rag_asked = rag.is_some();
     let (generation, frontend) = state
         .service
-        .chat(service::ChatRequest { model: request.model.clone(), messages, options, keep_alive, rag })
+        .chat(service::ChatRequest { model: request.model.clone(), messages, options, keep_alive, rag, tools: tools.clone(), tool_choice: tool_choice.clone() })
         .await?;
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
+    let offered = if tool_choice == ToolChoice::None { Vec::new() } else { tools };
     if stream {
-        return Ok(sse(chat_stream(generation, frontend.tokenizer.clone(), id, include_usage, rag_asked)));
+        return Ok(sse(chat_stream(generation, frontend.tokenizer.clone(), id, include_usage, rag_asked, offered)));
     }
     let rag_value = rag_asked.then(|| serde_json::json!({ "sources": generation.sources }));
     let model = generation.model.clone();
@@ -275,17 +334,24 @@ pub async fn chat_completions(State(state): State<AppState>, ApiJson(body): ApiJ
         content: Some(logprobs.iter().map(|(_, lp)| token_logprob(&frontend.tokenizer, "", lp)).collect()),
         refusal: None,
     });
+    let (message, finish) = match tools::parse_offered_calls(&text, &offered) {
+        Some((content, calls)) => (
+            ChatCompletionResponseMessage {
+                content: (!content.is_empty()).then_some(content),
+                tool_calls: Some(openai_tool_calls(&calls)),
+                role: Role::Assistant,
+                ..Default::default()
+            },
+            OpenAiFinishReason::ToolCalls,
+        ),
+        None => (ChatCompletionResponseMessage { content: Some(text), role: Role::Assistant, ..Default::default() }, finish_reason(completion.finish_reason)),
+    };
     let response = CreateChatCompletionResponse {
         id,
         object: "chat.completion".into(),
         created,
         model,
-        choices: vec![ChatChoice {
-            index: 0,
-            message: ChatCompletionResponseMessage { content: Some(text), role: Role::Assistant, ..Default::default() },
-            finish_reason: Some(finish_reason(completion.finish_reason)),
-            logprobs,
-        }],
+        choices: vec![ChatChoice { index: 0, message, finish_reason: Some(finish), logprobs }],
         usage: Some(usage(completion.prompt_tokens, completion.completion_tokens)),
         ..Default::default()
     };
@@ -312,29 +378,51 @@ fn chat_chunk(id: &str, model: &str, created: u32, delta: ChatCompletionStreamRe
     Event::default().data(serde_json::to_string(&chunk).unwrap_or_default())
 }
 
-fn chat_stream(mut generation: Generation, tokenizer: std::sync::Arc<tokenizers::Tokenizer>, id: String, include_usage: bool, rag_asked: bool) -> impl Stream<Item = Event> + Send + 'static {
+fn chat_stream(mut generation: Generation, tokenizer: std::sync::Arc<tokenizers::Tokenizer>, id: String, include_usage: bool, rag_asked: bool, tools: Vec<ToolSpec>) -> impl Stream<Item = Event> + Send + 'static {
     async_stream::stream! {
         let model = generation.model.clone();
         let created = unix_seconds(generation.created);
         let role = ChatCompletionStreamResponseDelta { role: Some(Role::Assistant), content: Some(String::new()), ..Default::default() };
         yield chat_chunk(&id, &model, created, role, None, None);
+        // With tools offered, text that may open a call is held until it clearly does not;
+        // a call goes out as tool_calls deltas once it is complete.
+        let mut held = String::new();
+        let mut holding = !tools.is_empty();
+        let mut called = false;
         while let Some(event) = generation.next().await {
             match event {
                 EngineEvent::Token { text, logprob, .. } => {
                     let logprobs = logprob.map(|lp| ChatChoiceLogprobs { content: Some(vec![token_logprob(&tokenizer, &text, &lp)]), refusal: None });
+                    let text = if holding {
+                        held.push_str(&text);
+                        if tools::may_become_call(&held) { String::new() } else { holding = false; std::mem::take(&mut held) }
+                    } else {
+                        text
+                    };
                     if text.is_empty() && logprobs.is_none() { continue; }
                     let delta = ChatCompletionStreamResponseDelta { content: Some(text), ..Default::default() };
                     yield chat_chunk(&id, &model, created, delta, None, logprobs);
                 }
                 EngineEvent::Done(completion) => {
-                    let last = chat_chunk(&id, &model, created, ChatCompletionStreamResponseDelta::default(), Some(finish_reason(completion.finish_reason)), None);
+                    if !held.is_empty() {
+                        let delta = match tools::parse_offered_calls(&held, &tools) {
+                            Some((_, calls)) => {
+                                called = true;
+                                ChatCompletionStreamResponseDelta { tool_calls: Some(tool_call_chunks(&calls)), ..Default::default() }
+                            }
+                            None => ChatCompletionStreamResponseDelta { content: Some(std::mem::take(&mut held)), ..Default::default() },
+                        };
+                        yield chat_chunk(&id, &model, created, delta, None, None);
+                    }
+                    let finish = if called { OpenAiFinishReason::ToolCalls } else { finish_reason(completion.finish_reason) };
+                    let last = chat_chunk(&id, &model, created, ChatCompletionStreamResponseDelta::default(), Some(finish), None);
                     if rag_asked {
                         let chunk = CreateChatCompletionStreamResponse {
                             id: id.clone(),
                             object: "chat.completion.chunk".into(),
                             created,
                             model: model.clone(),
-                            choices: vec![ChatChoiceStream { index: 0, delta: ChatCompletionStreamResponseDelta::default(), finish_reason: Some(finish_reason(completion.finish_reason)), logprobs: None }],
+                            choices: vec![ChatChoiceStream { index: 0, delta: ChatCompletionStreamResponseDelta::default(), finish_reason: Some(finish), logprobs: None }],
                             ..Default::default()
                         };
                         let mut value = serde_json::to_value(&chunk).unwrap_or_default();
@@ -420,7 +508,7 @@ pub async fn completions(State(state): State<AppState>, ApiJson(body): ApiJson<C
             model: request.model.clone(),
             prompt,
             raw: true,
-            options: Options { defaults: openai_defaults(), parameters, logprobs: None },
+            options: Options { defaults: openai_defaults(), parameters, logprobs: None, format: None },
             keep_alive,
             ..Default::default()
         })

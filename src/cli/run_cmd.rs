@@ -128,9 +128,10 @@ impl Backend {
                 let request = ChatRequest {
                     model: model.to_string(),
                     messages: messages.to_vec(),
-                    options: Options { defaults: Default::default(), parameters: parameters.clone(), logprobs: None },
+                    options: Options { defaults: Default::default(), parameters: parameters.clone(), logprobs: None, format: None },
                     keep_alive: None,
                     rag: rag.cloned(),
+                    ..Default::default()
                 };
                 let (mut generation, _) = service.chat(request).await.map_err(|e| CliError(e.msg()))?;
                 answer.load = generation.load_duration;

@@ -8,6 +8,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::nn::KvCache;
 use super::sampling::{log_softmax, Sampler};
+use super::constrain::Constraint;
 use super::tokenizer::IncrementalDecoder;
 use super::{Completion, EngineError, EngineEvent, FinishReason, GenerateRequest, TokenLogprob, TopLogprob};
 
@@ -71,6 +72,8 @@ pub struct Sequence {
     events: UnboundedSender<EngineEvent>,
     eos_token_ids: Arc<Vec<u32>>,
     logprobs: Option<usize>,
+    /// The grammar the output must follow, if the request set one.
+    pub constraint: Option<Constraint>,
     started: Instant,
     prefill_time: Duration,
     decode_started: Option<Instant>,
@@ -114,6 +117,7 @@ impl Sequence {
             events,
             eos_token_ids,
             logprobs: request.logprobs,
+            constraint: None,
             started: Instant::now(),
             prefill_time: Duration::ZERO,
             decode_started: None,
@@ -152,6 +156,12 @@ impl Sequence {
             self.prefill_time = self.started.elapsed();
             self.decode_started = Some(Instant::now());
         }
+        if let Some(constraint) = &mut self.constraint {
+            if let Err(error) = constraint.mask(logits) {
+                self.fail(error);
+                return Progress::Finished;
+            }
+        }
         let chosen_logprob = self.logprobs.map(|top| logprobs_of(logits, top));
         let mut history = Vec::with_capacity(self.prompt.len() + self.generated.len());
         history.extend_from_slice(&self.prompt);
@@ -161,6 +171,14 @@ impl Sequence {
             return self.finish(FinishReason::Stop, false);
         }
         self.generated.push(token);
+        let grammar_complete = match self.constraint.as_mut().map(|c| c.advance(token)) {
+            Some(Err(error)) => {
+                self.fail(error);
+                return Progress::Finished;
+            }
+            Some(Ok(complete)) => complete,
+            None => false,
+        };
         let text = match self.decoder.push(token) {
             Ok(text) => text,
             Err(error) => {
@@ -173,6 +191,9 @@ impl Sequence {
         let _ = self.events.send(EngineEvent::Token { text: shown, token, logprob });
         if stopped {
             return self.finish(FinishReason::Stop, true);
+        }
+        if grammar_complete {
+            return self.finish(FinishReason::Stop, false);
         }
         if self.generated.len() >= self.max_tokens || self.prompt.len() + self.generated.len() >= self.context_limit {
             return self.finish(FinishReason::Length, false);
@@ -218,7 +239,8 @@ fn logprobs_of(logits: &[f32], top: usize) -> (Vec<TopLogprob>, Vec<f32>) {
     } else {
         order.clear();
     }
-    (order.into_iter().map(|token| TopLogprob { token, logprob: all[token as usize] }).collect(), all)
+    // Tokens a grammar ruled out (-inf) are not alternatives.
+    (order.into_iter().map(|token| TopLogprob { token, logprob: all[token as usize] }).filter(|top| top.logprob.is_finite()).collect(), all)
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@
 //! any thread may use, so prompt formatting never waits for the worker.
 
 pub mod bert;
+pub mod constrain;
 pub mod convert;
 pub mod device;
 mod generate;
@@ -22,6 +23,7 @@ pub mod prefix;
 pub mod sampling;
 pub mod template;
 pub mod tokenizer;
+pub mod tools;
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -58,6 +60,7 @@ pub enum EngineError {
     NotLoaded,
     WrongKind { expected: ModelKind },
     BadRequest(String),
+    Grammar(String),
     Stopped,
 }
 
@@ -75,6 +78,7 @@ impl EngineError {
             EngineError::WrongKind { expected: ModelKind::Chat } => msg!("engine.error.not_chat"),
             EngineError::WrongKind { expected: ModelKind::Embedding } => msg!("engine.error.not_embedding"),
             EngineError::BadRequest(detail) => msg!("engine.error.bad_request", detail = detail),
+            EngineError::Grammar(detail) => msg!("engine.error.grammar", detail = detail),
             EngineError::Stopped => msg!("engine.error.stopped"),
         }
     }
@@ -128,6 +132,8 @@ pub struct GenerateRequest {
     pub stop: Vec<String>,
     /// Report log-probabilities with this many alternatives per token.
     pub logprobs: Option<usize>,
+    /// Only output this grammar accepts (structured output, forced tool calls).
+    pub grammar: Option<constrain::Grammar>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -289,6 +295,8 @@ struct WorkerModel {
     /// Sequences decoding; with batched decoding row `i` of `batch` is `running[i]`'s cache.
     running: Vec<Sequence>,
     batch: nn::BatchCache,
+    /// Built on the first request with an output format (it indexes the whole vocabulary).
+    grammars: Option<Arc<constrain::GrammarCompiler>>,
 }
 
 struct Worker {
@@ -401,7 +409,7 @@ impl Worker {
             load_duration: started.elapsed(),
         };
         tracing::info!(model = id, path = %path.display(), bytes = info.weight_bytes, backend = self.backend.name(), seconds = info.load_duration.as_secs_f32(), "model loaded");
-        self.models.insert(id, WorkerModel { loaded, waiting: VecDeque::new(), running: Vec::new(), batch: nn::BatchCache::default() });
+        self.models.insert(id, WorkerModel { loaded, waiting: VecDeque::new(), running: Vec::new(), batch: nn::BatchCache::default(), grammars: None });
         Ok(info)
     }
 
@@ -414,10 +422,29 @@ impl Worker {
             let _ = events.send(EngineEvent::Error(EngineError::WrongKind { expected: ModelKind::Chat }));
             return;
         };
+        let constraint = match &request.grammar {
+            Some(grammar) => {
+                let compiler = match &model.grammars {
+                    Some(compiler) => Ok(compiler.clone()),
+                    None => constrain::GrammarCompiler::new(frontend.tokenizer.clone(), &frontend.eos_token_ids, llama.config.vocab_size.max(0) as usize)
+                        .map(Arc::new)
+                        .inspect(|compiler| model.grammars = Some(compiler.clone())),
+                };
+                match compiler.and_then(|compiler| compiler.constraint(grammar)) {
+                    Ok(constraint) => Some(constraint),
+                    Err(error) => {
+                        let _ = events.send(EngineEvent::Error(error));
+                        return;
+                    }
+                }
+            }
+            None => None,
+        };
         let decoder = tokenizer::IncrementalDecoder::new(frontend.tokenizer.clone());
         let eos = Arc::new(frontend.eos_token_ids.clone());
         match Sequence::new(request, llama.new_cache(), decoder, eos, frontend.context_length, events) {
             Ok(mut sequence) => {
+                sequence.constraint = constraint;
                 if let Some((cache, length)) = self.prefix.lookup(id, &sequence.prompt) {
                     sequence.reuse_prefix(cache, length);
                 }

@@ -73,6 +73,7 @@ pub fn greedy(engine: &Engine, runtime: &tokio::runtime::Runtime, model: u64, pr
             context_length: None,
             stop: vec![],
             logprobs: None,
+            grammar: None,
         };
         let mut events = engine.generate(model, request).unwrap();
         let mut text = String::new();
@@ -172,6 +173,7 @@ fn first_step_logits_are_close_to_transformers() {
                 context_length: None,
                 stop: vec![],
                 logprobs: Some(20),
+                grammar: None,
             };
             let mut events = loaded.engine.generate(SMOL, request).unwrap();
             while let Some(event) = events.recv().await {
@@ -243,7 +245,7 @@ fn batched_decoding_matches_one_at_a_time() {
     let together = loaded.runtime.block_on(async {
         let mut streams = Vec::new();
         for prompt in &prompts {
-            let request = GenerateRequest { prompt_tokens: prompt.clone(), sampling: SamplingParams::greedy(), max_tokens: Some(12), context_length: None, stop: vec![], logprobs: None };
+            let request = GenerateRequest { prompt_tokens: prompt.clone(), sampling: SamplingParams::greedy(), max_tokens: Some(12), context_length: None, stop: vec![], logprobs: None, grammar: None };
             streams.push(loaded.engine.generate(SMOL, request).unwrap());
         }
         let mut results = Vec::new();
@@ -289,7 +291,7 @@ fn stop_strings_and_cancellation() {
         .encode_prompt(&frontend.template.render(&[TemplateMessage::new("user", "What is the capital of France? Answer in one word.")], true, None).unwrap())
         .unwrap();
     let (text, finish) = loaded.runtime.block_on(async {
-        let request = GenerateRequest { prompt_tokens: prompt.clone(), sampling: SamplingParams::greedy(), max_tokens: Some(32), context_length: None, stop: vec!["France".into()], logprobs: None };
+        let request = GenerateRequest { prompt_tokens: prompt.clone(), sampling: SamplingParams::greedy(), max_tokens: Some(32), context_length: None, stop: vec!["France".into()], logprobs: None, grammar: None };
         let mut events = loaded.engine.generate(SMOL, request).unwrap();
         let mut text = String::new();
         loop {
@@ -305,7 +307,7 @@ fn stop_strings_and_cancellation() {
 
     // Dropping the receiver cancels; the engine keeps serving.
     loaded.runtime.block_on(async {
-        let request = GenerateRequest { prompt_tokens: prompt.clone(), sampling: SamplingParams::greedy(), max_tokens: Some(10_000), context_length: None, stop: vec![], logprobs: None };
+        let request = GenerateRequest { prompt_tokens: prompt.clone(), sampling: SamplingParams::greedy(), max_tokens: Some(10_000), context_length: None, stop: vec![], logprobs: None, grammar: None };
         let mut events = loaded.engine.generate(SMOL, request).unwrap();
         let _first = events.recv().await;
         drop(events);
@@ -322,7 +324,7 @@ fn context_overflow_is_a_clear_error() {
     let _guard = mlx_lock();
     let loaded = loaded();
     let error = loaded.runtime.block_on(async {
-        let request = GenerateRequest { prompt_tokens: vec![1; 100], sampling: SamplingParams::greedy(), max_tokens: Some(4), context_length: Some(50), stop: vec![], logprobs: None };
+        let request = GenerateRequest { prompt_tokens: vec![1; 100], sampling: SamplingParams::greedy(), max_tokens: Some(4), context_length: Some(50), stop: vec![], logprobs: None, grammar: None };
         let mut events = loaded.engine.generate(SMOL, request).unwrap();
         match events.recv().await {
             Some(EngineEvent::Error(error)) => error,
