@@ -252,3 +252,13 @@ def test_metrics_parse_as_prometheus_text(metrics_server):
     assert families["mlxserver_loaded_models"].samples[0].value == 1
     for name in ["mlxserver_queue_depth", "mlxserver_memory_bytes", "mlxserver_prefix_cache_hits", "mlxserver_time_per_output_token_seconds"]:
         assert name in families, name
+
+
+def test_completions_logprobs(client):
+    response = client.completions.create(model=CHAT_MODEL, prompt="The capital of France is", max_tokens=6, temperature=0, logprobs=3)
+    logprobs = response.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == response.usage.completion_tokens
+    assert logprobs.text_offset[0] == 0 and logprobs.text_offset == sorted(logprobs.text_offset)
+    for chosen, top in zip(logprobs.token_logprobs, logprobs.top_logprobs):
+        assert 1 <= len(top) <= 3
+        assert math.isclose(chosen, max(top.values()), abs_tol=1e-5)

@@ -18,7 +18,7 @@ use async_openai::types::chat::{
     ToolChoiceOptions,
 };
 use async_openai::types::chat::FunctionCall;
-use async_openai::types::chat::{Choice, CompletionFinishReason, Prompt};
+use async_openai::types::chat::{Choice, CompletionFinishReason, Logprobs, Prompt};
 use async_openai::types::completions::{CreateCompletionRequest, CreateCompletionResponse};
 use async_openai::types::embeddings::{
     CreateEmbeddingRequest, CreateEmbeddingResponse, Embedding, EmbeddingInput, EmbeddingUsage, EncodingFormat,
@@ -488,6 +488,10 @@ pub async fn completions(State(state): State<AppState>, ApiJson(body): ApiJson<C
     }
     check_range("temperature", request.temperature, 0.0..=2.0)?;
     check_range("top_p", request.top_p, 0.0..=1.0)?;
+    if request.logprobs.is_some_and(|n| n > 20) {
+        return Err(ApiError::invalid_param("logprobs", "logprobs must be between 0 and 20"));
+    }
+    let logprobs = request.logprobs.map(usize::from);
     let parameters = Parameters {
         temperature: request.temperature,
         top_p: request.top_p,
@@ -502,13 +506,13 @@ pub async fn completions(State(state): State<AppState>, ApiJson(body): ApiJson<C
         ..Default::default()
     };
     let keep_alive = body.keep_alive.as_ref().map(|k| k.parse().map_err(|e| ApiError::invalid_param("keep_alive", e))).transpose()?;
-    let (generation, _) = state
+    let (generation, frontend) = state
         .service
         .complete(service::CompletionRequest {
             model: request.model.clone(),
             prompt,
             raw: true,
-            options: Options { defaults: openai_defaults(), parameters, logprobs: None, format: None },
+            options: Options { defaults: openai_defaults(), parameters, logprobs, format: None },
             keep_alive,
             ..Default::default()
         })
@@ -516,7 +520,7 @@ pub async fn completions(State(state): State<AppState>, ApiJson(body): ApiJson<C
     let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
     let include_usage = request.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
     if request.stream.unwrap_or(false) {
-        return Ok(sse(completion_stream(generation, id, include_usage)));
+        return Ok(sse(completion_stream(generation, frontend.tokenizer.clone(), id, include_usage)));
     }
     let model = generation.model.clone();
     let created = unix_seconds(generation.created);
@@ -527,7 +531,12 @@ pub async fn completions(State(state): State<AppState>, ApiJson(body): ApiJson<C
         object: "text_completion".into(),
         created,
         model,
-        choices: vec![Choice { text: collected.text, index: 0, logprobs: None, finish_reason: Some(completion_finish(collected.completion.finish_reason)) }],
+        choices: vec![Choice {
+            logprobs: (!collected.logprobs.is_empty()).then(|| legacy_logprobs(&frontend.tokenizer, &collected.logprobs, 0)),
+            text: collected.text,
+            index: 0,
+            finish_reason: Some(completion_finish(collected.completion.finish_reason)),
+        }],
         usage: Some(usage(collected.completion.prompt_tokens, collected.completion.completion_tokens)),
         system_fingerprint: None,
     };
@@ -541,28 +550,47 @@ fn completion_finish(reason: FinishReason) -> CompletionFinishReason {
     }
 }
 
-fn completion_stream(mut generation: Generation, id: String, include_usage: bool) -> impl Stream<Item = Event> + Send + 'static {
+/// The legacy completions shape: parallel lists, alternatives as `{token: logprob}` maps, and
+/// each token's character offset in the answer (counted from `offset`).
+fn legacy_logprobs(tokenizer: &tokenizers::Tokenizer, entries: &[(String, TokenLogprob)], mut offset: u32) -> Logprobs {
+    let mut logprobs = Logprobs { tokens: Vec::new(), token_logprobs: Vec::new(), top_logprobs: Vec::new(), text_offset: Vec::new() };
+    for (text, entry) in entries {
+        let reported = super::reported_logprob(tokenizer, text, entry);
+        logprobs.text_offset.push(offset);
+        offset += text.chars().count() as u32;
+        let top: serde_json::Map<String, serde_json::Value> = reported.top.into_iter().map(|(token, logprob)| (token, serde_json::json!(logprob))).collect();
+        logprobs.top_logprobs.push(serde_json::Value::Object(top));
+        logprobs.tokens.push(reported.token);
+        logprobs.token_logprobs.push(Some(reported.logprob));
+    }
+    logprobs
+}
+
+fn completion_stream(mut generation: Generation, tokenizer: std::sync::Arc<tokenizers::Tokenizer>, id: String, include_usage: bool) -> impl Stream<Item = Event> + Send + 'static {
     async_stream::stream! {
         let model = generation.model.clone();
         let created = unix_seconds(generation.created);
-        let chunk = |text: String, finish: Option<CompletionFinishReason>, usage: Option<CompletionUsage>, choices: bool| {
+        let chunk = |text: String, logprobs: Option<Logprobs>, finish: Option<CompletionFinishReason>, usage: Option<CompletionUsage>, choices: bool| {
             let value = serde_json::json!({
                 "id": id, "object": "text_completion", "created": created, "model": model,
-                "choices": if choices { serde_json::json!([{"text": text, "index": 0, "logprobs": null, "finish_reason": finish}]) } else { serde_json::json!([]) },
+                "choices": if choices { serde_json::json!([{"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish}]) } else { serde_json::json!([]) },
                 "usage": usage,
             });
             Event::default().data(value.to_string())
         };
+        let mut offset = 0u32;
         while let Some(event) = generation.next().await {
             match event {
-                EngineEvent::Token { text, .. } => {
-                    if text.is_empty() { continue; }
-                    yield chunk(text, None, None, true);
+                EngineEvent::Token { text, logprob, .. } => {
+                    if text.is_empty() && logprob.is_none() { continue; }
+                    let logprobs = logprob.map(|lp| legacy_logprobs(&tokenizer, &[(text.clone(), lp)], offset));
+                    offset += text.chars().count() as u32;
+                    yield chunk(text, logprobs, None, None, true);
                 }
                 EngineEvent::Done(completion) => {
-                    yield chunk(String::new(), Some(completion_finish(completion.finish_reason)), None, true);
+                    yield chunk(String::new(), None, Some(completion_finish(completion.finish_reason)), None, true);
                     if include_usage {
-                        yield chunk(String::new(), None, Some(usage(completion.prompt_tokens, completion.completion_tokens)), false);
+                        yield chunk(String::new(), None, None, Some(usage(completion.prompt_tokens, completion.completion_tokens)), false);
                     }
                     break;
                 }
