@@ -86,11 +86,19 @@ impl Sampler {
         if candidates.is_empty() {
             return argmax(logits);
         }
-        candidates.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
+        // Only the candidates that top-k keeps need ordering, and none do when neither
+        // top-p nor min-p looks at the order: a full sort of the vocabulary every step
+        // costs more than the rest of sampling.
+        let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1);
         if self.params.top_k > 0 && self.params.top_k < candidates.len() {
+            candidates.select_nth_unstable_by(self.params.top_k - 1, by_logit);
             candidates.truncate(self.params.top_k);
         }
-        let max = candidates[0].1;
+        let ordered = self.params.top_p < 1.0 || self.params.min_p > 0.0;
+        if ordered {
+            candidates.sort_unstable_by(by_logit);
+        }
+        let max = if ordered { candidates[0].1 } else { candidates.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max) };
         let inverse_temperature = 1.0 / self.params.temperature;
         let mut probabilities: Vec<f32> =
             candidates.iter().map(|(_, l)| ((l - max) * inverse_temperature).exp()).collect();
@@ -108,6 +116,7 @@ impl Sampler {
             }
         }
         if self.params.min_p > 0.0 {
+            // Ordered here, so the first is the likeliest.
             let threshold = probabilities[0] * self.params.min_p;
             keep = keep.min(probabilities.iter().take_while(|p| **p >= threshold).count().max(1));
         }
