@@ -31,8 +31,8 @@ if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check "mlx[cpu]==0.32.4" "mlx-lm==0.32.2"
   # llama-cpp-python compiles llama.cpp from its source package (about 10 minutes on 2 cores).
-  # Not GGML_NATIVE: this VM reports AMX, whose use here ends in SIGILL.
-  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON" "$venv/bin/pip" install --quiet --disable-pip-version-check --no-binary llama-cpp-python "llama-cpp-python==0.3.36"
+  # Not GGML_NATIVE (nor AVX-512): on this VM the native build dies with SIGILL.
+  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" "$venv/bin/pip" install --quiet --no-cache-dir --disable-pip-version-check --no-binary llama-cpp-python "llama-cpp-python==0.3.36"
 fi
 
 run() { echo "$*" >&2; "$@" | tee -a "$results"; }
