@@ -183,8 +183,12 @@ fn pull_gguf_and_embedding_models_from_the_hub() {
     let list = stdout(&home.run(&["list"]));
     assert!(list.contains("sentence-transformers/all-MiniLM-L6-v2") && list.contains("embedding"), "{list}");
 
-    // The pulled chat model answers.
-    let answer = home.run(&["run", "smol", "What is the capital of France? Answer in one word."]);
+    // The pulled chat model answers (greedy, so the answer does not depend on chance).
+    let modelfile = home.path().join("Greedy.modelfile");
+    std::fs::write(&modelfile, "FROM smol\nPARAMETER temperature 0\nPARAMETER repeat_penalty 1\nPARAMETER num_predict 24\n").unwrap();
+    let created = home.run(&["create", "smol-greedy", "-f", modelfile.to_str().unwrap()]);
+    assert!(created.status.success(), "{}", stderr(&created));
+    let answer = home.run(&["run", "smol-greedy", "What is the capital of France? Answer in one word."]);
     assert!(answer.status.success(), "{}", stderr(&answer));
     assert!(stdout(&answer).contains("Paris"), "{}", stdout(&answer));
 
