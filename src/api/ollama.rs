@@ -375,18 +375,12 @@ fn chat_stream(mut generation: Generation, tokenizer: Arc<tokenizers::Tokenizer>
         let model = generation.model.clone();
         // With tools offered, text that may be the start of a call is held back until it
         // is clearly not one; a call is sent whole, as Ollama does.
-        let mut held = String::new();
-        let mut holding = !tools.is_empty();
+        let mut holder = tools::CallHolder::new(!tools.is_empty());
         while let Some(event) = generation.next().await {
             match event {
                 EngineEvent::Token { text, logprob: token_logprob, .. } => {
                     let logprobs = token_logprob.as_ref().map(|lp| vec![logprob(&tokenizer, &text, lp)]);
-                    let content = if holding {
-                        held.push_str(&text);
-                        if tools::may_become_call(&held) { String::new() } else { holding = false; std::mem::take(&mut held) }
-                    } else {
-                        text
-                    };
+                    let content = holder.push(text);
                     if content.is_empty() && logprobs.is_none() { continue; }
                     let mut chunk = serde_json::json!({"model": model, "created_at": rfc3339(SystemTime::now()), "message": {"role": "assistant", "content": content}, "done": false});
                     if let Some(logprobs) = logprobs {
@@ -395,8 +389,9 @@ fn chat_stream(mut generation: Generation, tokenizer: Arc<tokenizers::Tokenizer>
                     yield chunk;
                 }
                 EngineEvent::Done(completion) => {
+                    let held = holder.finish();
                     if !held.is_empty() {
-                        let message = answer_message(std::mem::take(&mut held), &tools);
+                        let message = answer_message(held, &tools);
                         yield serde_json::json!({"model": model, "created_at": rfc3339(SystemTime::now()), "message": message, "done": false});
                     }
                     let response = ChatResponse {

@@ -386,31 +386,26 @@ fn chat_stream(mut generation: Generation, tokenizer: std::sync::Arc<tokenizers:
         yield chat_chunk(&id, &model, created, role, None, None);
         // With tools offered, text that may open a call is held until it clearly does not;
         // a call goes out as tool_calls deltas once it is complete.
-        let mut held = String::new();
-        let mut holding = !tools.is_empty();
+        let mut holder = tools::CallHolder::new(!tools.is_empty());
         let mut called = false;
         while let Some(event) = generation.next().await {
             match event {
                 EngineEvent::Token { text, logprob, .. } => {
                     let logprobs = logprob.map(|lp| ChatChoiceLogprobs { content: Some(vec![token_logprob(&tokenizer, &text, &lp)]), refusal: None });
-                    let text = if holding {
-                        held.push_str(&text);
-                        if tools::may_become_call(&held) { String::new() } else { holding = false; std::mem::take(&mut held) }
-                    } else {
-                        text
-                    };
+                    let text = holder.push(text);
                     if text.is_empty() && logprobs.is_none() { continue; }
                     let delta = ChatCompletionStreamResponseDelta { content: Some(text), ..Default::default() };
                     yield chat_chunk(&id, &model, created, delta, None, logprobs);
                 }
                 EngineEvent::Done(completion) => {
+                    let held = holder.finish();
                     if !held.is_empty() {
                         let delta = match tools::parse_offered_calls(&held, &tools) {
                             Some((_, calls)) => {
                                 called = true;
                                 ChatCompletionStreamResponseDelta { tool_calls: Some(tool_call_chunks(&calls)), ..Default::default() }
                             }
-                            None => ChatCompletionStreamResponseDelta { content: Some(std::mem::take(&mut held)), ..Default::default() },
+                            None => ChatCompletionStreamResponseDelta { content: Some(held), ..Default::default() },
                         };
                         yield chat_chunk(&id, &model, created, delta, None, None);
                     }

@@ -236,11 +236,43 @@ fn parse_bare_json(text: &str) -> Option<(String, Vec<ToolCall>)> {
 
 /// Whether the text so far could still turn into a tool call, so a streaming answer must
 /// hold it back rather than show it as content.
-pub fn may_become_call(text: &str) -> bool {
+fn may_become_call(text: &str) -> bool {
     let trimmed = text.trim_start();
     ["<tool_call>", "[TOOL_CALLS]", "<|python_tag|>", "{", "["]
         .iter()
         .any(|marker| trimmed.starts_with(marker) || marker.starts_with(trimmed))
+}
+
+/// Holds back streamed text while it may still be the start of a tool call, so a call is
+/// never shown as content; text that clearly is not one passes through from then on.
+pub struct CallHolder {
+    held: String,
+    holding: bool,
+}
+
+impl CallHolder {
+    pub fn new(tools_offered: bool) -> CallHolder {
+        CallHolder { held: String::new(), holding: tools_offered }
+    }
+
+    /// The text to show now for this piece of the answer (empty while held).
+    pub fn push(&mut self, text: String) -> String {
+        if !self.holding {
+            return text;
+        }
+        self.held.push_str(&text);
+        if may_become_call(&self.held) {
+            String::new()
+        } else {
+            self.holding = false;
+            std::mem::take(&mut self.held)
+        }
+    }
+
+    /// What is still held when the answer ends: a call to parse, or text to show.
+    pub fn finish(&mut self) -> String {
+        std::mem::take(&mut self.held)
+    }
 }
 
 #[cfg(test)]
@@ -273,6 +305,19 @@ mod tests {
         assert!(parse_calls("{\"answer\": 42}").is_none());
         assert!(parse_calls("<tool_call>not json</tool_call>").is_none());
         assert!(may_become_call("<tool_") && may_become_call("  {") && !may_become_call("Sure"));
+    }
+
+    #[test]
+    fn held_text_is_released_once_it_cannot_be_a_call() {
+        let mut holder = CallHolder::new(true);
+        assert_eq!(holder.push("<tool".into()), "");
+        assert_eq!(holder.push("_call>{".into()), "");
+        assert_eq!(holder.finish(), "<tool_call>{");
+        let mut holder = CallHolder::new(true);
+        assert_eq!(holder.push(" Su".into()), " Su");
+        assert_eq!(holder.push("<tool_call>".into()), "<tool_call>");
+        assert_eq!(holder.finish(), "");
+        assert_eq!(CallHolder::new(false).push("{".into()), "{");
     }
 
     #[test]
