@@ -40,7 +40,7 @@ fn main() {
         return;
     }
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let engine = Engine::start(EngineConfig { cpu_dtype, prefill_chunk: 512, max_batch: batch.max(1), prefix_cache_bytes: 0 });
+    let engine = Engine::start(EngineConfig { cpu_dtype, prefill_chunk: 512, max_batch: batch.max(1), prefix_cache_bytes: 0, ..Default::default() });
     let started = Instant::now();
     let info = runtime.block_on(engine.load(1, &model)).expect("load");
     let load_seconds = started.elapsed().as_secs_f64();

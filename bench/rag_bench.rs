@@ -39,7 +39,7 @@ fn main() {
     let large = arg(&args, "--large", 100_000);
     let queries = arg(&args, "--queries", 200);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
-    let engine = Engine::start(EngineConfig { cpu_dtype: Default::default(), prefill_chunk: 512, max_batch: 16, prefix_cache_bytes: 0 });
+    let engine = Engine::start(EngineConfig { cpu_dtype: Default::default(), prefill_chunk: 512, max_batch: 16, prefix_cache_bytes: 0, ..Default::default() });
     let info = runtime.block_on(engine.load(1, &model)).expect("load");
     let Frontend::Embedding(frontend) = info.frontend else { panic!("not an embedding model") };
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);

@@ -7,3 +7,8 @@ export MLX_PREFIX="${MLX_PREFIX:-$MLXSERVER_CACHE/mlx-cpu/mlx}"
 export MLXSERVER_TEST_MODELS="${MLXSERVER_TEST_MODELS:-$MLXSERVER_CACHE/models}"
 if [ -f "$HOME/.cargo/env" ]; then . "$HOME/.cargo/env"; fi
 MLXSERVER_BIN="$CARGO_TARGET_DIR/debug/mlxserver"
+# MLX's CUDA build, when setup.sh installed it (an NVIDIA machine) and MLXSERVER_BACKEND is
+# not "cpu": mlx-c compiles against the CPU wheel's headers, the binary links the CUDA library.
+if [ "${MLXSERVER_BACKEND:-}" != "cpu" ] && [ -z "${MLX_LIB_DIR:-}" ] && [ -f "$MLXSERVER_CACHE/mlx-cuda/mlx/lib/libmlx.so" ]; then
+  export MLX_LIB_DIR="$MLXSERVER_CACHE/mlx-cuda/mlx/lib"
+fi

@@ -7,6 +7,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 cd "$here/.."
 . "$here/env.sh"
 "$here/setup.sh"
+. "$here/env.sh"   # again: setup may have installed MLX's CUDA build
 cargo build --locked --bins
 register() { # name source
   if ! "$MLXSERVER_BIN" show "$1" >/dev/null 2>&1; then

@@ -230,6 +230,25 @@ pub struct EngineConfig {
     pub max_batch: usize,
     /// Bytes of key/value caches kept for reuse by prompts with a shared prefix (0: off).
     pub prefix_cache_bytes: u64,
+    /// Share of the accelerator's memory MLX may hold (weights, caches, scratch): MLX's
+    /// memory limit, and the budget new sequences' key/value caches are admitted against.
+    pub gpu_memory_fraction: f32,
+    /// Bytes of freed buffers MLX keeps for reuse; without a bound its cache grows with
+    /// every batch shape it has seen.
+    pub cache_limit_bytes: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            cpu_dtype: CpuDtype::Float32,
+            prefill_chunk: 512,
+            max_batch: 16,
+            prefix_cache_bytes: 1 << 30,
+            gpu_memory_fraction: 0.9,
+            cache_limit_bytes: 1 << 30,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -285,7 +304,7 @@ impl Config {
             request_timeout: Duration::from_secs(600),
             shutdown_timeout: Duration::from_secs(30),
             metrics: false,
-            engine: EngineConfig { cpu_dtype: CpuDtype::Float32, prefill_chunk: 512, max_batch: 16, prefix_cache_bytes: 1 << 30 },
+            engine: EngineConfig::default(),
             rag: RagConfig {
                 uri: home.join("rag").to_string_lossy().into_owned(),
                 default_embedding_model: None,
@@ -425,6 +444,17 @@ impl Config {
             "engine.prefix_cache" => {
                 self.engine.prefix_cache_bytes = parse_bytes(value).ok_or_else(|| invalid("bytes such as 1GiB, or 0 to turn it off"))?
             }
+            "engine.gpu_memory_fraction" => {
+                self.engine.gpu_memory_fraction = value
+                    .trim()
+                    .parse::<f32>()
+                    .ok()
+                    .filter(|f| *f > 0.0 && *f <= 1.0)
+                    .ok_or_else(|| invalid("a fraction above 0 and at most 1, such as 0.9"))?
+            }
+            "engine.cache_limit" => {
+                self.engine.cache_limit_bytes = parse_bytes(value).ok_or_else(|| invalid("bytes such as 1GiB"))?
+            }
             "rag.uri" => {
                 let value = value.trim();
                 if value.is_empty() {
@@ -483,6 +513,8 @@ impl Config {
             "engine.prefill_chunk" => self.engine.prefill_chunk.to_string(),
             "engine.max_batch" => self.engine.max_batch.to_string(),
             "engine.prefix_cache" => format_bytes(self.engine.prefix_cache_bytes).replace(' ', ""),
+            "engine.gpu_memory_fraction" => self.engine.gpu_memory_fraction.to_string(),
+            "engine.cache_limit" => format_bytes(self.engine.cache_limit_bytes).replace(' ', ""),
             "rag.uri" => self.rag.uri.clone(),
             "rag.default_embedding_model" => {
                 self.rag.default_embedding_model.clone().unwrap_or_default()
@@ -514,6 +546,8 @@ impl Config {
         "engine.prefill_chunk",
         "engine.max_batch",
         "engine.prefix_cache",
+        "engine.gpu_memory_fraction",
+        "engine.cache_limit",
         "rag.uri",
         "rag.default_embedding_model",
         "rag.top_k",
@@ -548,7 +582,7 @@ fn typed_toml_value(key: &str, value: &str) -> toml::Value {
     match key {
         "port" | "max_loaded_models" | "max_queue" | "context_length" | "engine.prefill_chunk" | "engine.max_batch"
         | "rag.top_k" => value.parse::<i64>().map(toml::Value::Integer).unwrap_or_else(|_| value.into()),
-        "rag.min_score" => value.parse::<f64>().map(toml::Value::Float).unwrap_or_else(|_| value.into()),
+        "rag.min_score" | "engine.gpu_memory_fraction" => value.parse::<f64>().map(toml::Value::Float).unwrap_or_else(|_| value.into()),
         "metrics" => value.parse::<bool>().map(toml::Value::Boolean).unwrap_or_else(|_| value.into()),
         "cors_origins" => toml::Value::Array(
             value.split(',').filter(|s| !s.is_empty()).map(|s| toml::Value::String(s.to_string())).collect(),

@@ -78,6 +78,12 @@ pub struct Gauges {
     pub loaded_models: usize,
     pub queue_depth: usize,
     pub memory_bytes: u64,
+    /// The most MLX has held at once since start.
+    pub peak_memory_bytes: u64,
+    /// Freed buffers MLX keeps for reuse.
+    pub cache_memory_bytes: u64,
+    /// Resident set size of the server process.
+    pub resident_bytes: u64,
     pub prefix_hits: u64,
     pub prefix_misses: u64,
     pub prefix_reused_tokens: u64,
@@ -131,6 +137,9 @@ impl Metrics {
         gauge(&mut out, "mlxserver_loaded_models", "Models loaded now.", gauges.loaded_models as u64);
         gauge(&mut out, "mlxserver_queue_depth", "Requests waiting for a model.", gauges.queue_depth as u64);
         gauge(&mut out, "mlxserver_memory_bytes", "Bytes held by loaded models and caches.", gauges.memory_bytes);
+        gauge(&mut out, "mlxserver_peak_memory_bytes", "Most bytes MLX held at once since start.", gauges.peak_memory_bytes);
+        gauge(&mut out, "mlxserver_cache_memory_bytes", "Freed buffers MLX keeps for reuse.", gauges.cache_memory_bytes);
+        gauge(&mut out, "mlxserver_resident_bytes", "Resident set size of the server process.", gauges.resident_bytes);
         gauge(&mut out, "mlxserver_prefix_cache_bytes", "Bytes held by the prefix cache.", gauges.prefix_bytes);
         let counter = |out: &mut String, name: &str, help: &str, value: u64| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
@@ -159,4 +168,13 @@ mod tests {
         assert!(text.contains("mlxserver_loaded_models 1"));
         assert!(text.contains("mlxserver_completion_tokens_total 5"));
     }
+}
+
+/// The process's resident set size (Linux; 0 where /proc is missing).
+pub fn resident_bytes() -> u64 {
+    let Ok(status) = std::fs::read_to_string("/proc/self/statm") else { return 0 };
+    let pages: u64 = status.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+    // SAFETY: sysconf only reads a system constant.
+    let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    pages * u64::try_from(page_size).unwrap_or(4096)
 }

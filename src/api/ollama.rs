@@ -454,13 +454,25 @@ pub async fn embeddings(State(state): State<AppState>, ApiJson(request): ApiJson
     Ok(json_response(StatusCode::OK, &EmbeddingsResponse { embedding }))
 }
 
+/// Ollama's way of writing a parameter count: "135.0M", "8.0B".
+pub fn parameter_size(count: u64) -> String {
+    let count = count as f64;
+    if count >= 1e9 {
+        format!("{:.1}B", count / 1e9)
+    } else if count >= 1e6 {
+        format!("{:.1}M", count / 1e6)
+    } else {
+        format!("{:.1}K", count / 1e3)
+    }
+}
+
 pub fn details_of(base: &store::BaseModel) -> ModelDetails {
     ModelDetails {
         parent_model: String::new(),
         format: base.manifest.format.as_str().to_string(),
-        family: if base.manifest.kind == ModelKind::Embedding { "bert".into() } else { "llama".into() },
+        family: base.family().unwrap_or_else(|| if base.manifest.kind == ModelKind::Embedding { "bert".into() } else { "llama".into() }),
         families: None,
-        parameter_size: String::new(),
+        parameter_size: base.parameter_count().map(parameter_size).unwrap_or_default(),
         quantization_level: base.manifest.quantization.clone().unwrap_or_else(|| "F32".into()),
     }
 }
@@ -524,6 +536,8 @@ pub async fn show(State(state): State<AppState>, ApiJson(request): ApiJson<ShowR
             "general.digest": manifest.digest,
             "mlxserver.base_model": manifest.name,
             "context_length": resolved.base.context_length(),
+            "general.architecture": resolved.base.family(),
+            "general.parameter_count": resolved.base.parameter_count(),
         }),
         capabilities,
         modified_at: modified.to_rfc3339(),
@@ -556,7 +570,14 @@ pub async fn ps(State(state): State<AppState>) -> Result<Response, ApiError> {
             }
         })
         .collect();
-    Ok(json_response(StatusCode::OK, &ProcessResponse { models }))
+    let memory = ProcessMemory {
+        active: stats.active_memory,
+        peak: stats.peak_memory,
+        cache: stats.cache_memory,
+        limit: stats.memory_limit,
+        resident: crate::metrics::resident_bytes(),
+    };
+    Ok(json_response(StatusCode::OK, &ProcessResponse { models, memory: Some(memory) }))
 }
 
 /// Copy a model or personality.

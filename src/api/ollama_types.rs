@@ -351,6 +351,24 @@ pub struct ProcessModel {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ProcessResponse {
     pub models: Vec<ProcessModel>,
+    /// mlxserver's addition: the engine's memory (Ollama clients ignore it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<ProcessMemory>,
+}
+
+/// What MLX holds, in bytes.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct ProcessMemory {
+    /// Held now by weights and caches.
+    pub active: u64,
+    /// The most held at once since the server started.
+    pub peak: u64,
+    /// Freed buffers kept for reuse.
+    pub cache: u64,
+    /// MLX's memory limit (0 on the CPU: none).
+    pub limit: u64,
+    /// The server process's resident set size.
+    pub resident: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

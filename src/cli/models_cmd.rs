@@ -112,7 +112,7 @@ pub fn list() -> CliResult {
         });
     }
     print_table(&rows);
-    if let Some(models) = loaded_models(&config).filter(|m| !m.is_empty()) {
+    if let Some((models, _)) = loaded_models(&config).filter(|(m, _)| !m.is_empty()) {
         println!();
         println!("{}", t!("list.loaded"));
         print_loaded(&models);
@@ -178,6 +178,15 @@ pub fn show(args: ShowArgs) -> CliResult {
     println!("  {}", t!("show.kind", kind = match manifest.kind { ModelKind::Chat => t!("list.kind.chat"), ModelKind::Embedding => t!("list.kind.embedding") }));
     println!("  {}", t!("show.format", format = manifest.format.as_str(), source = manifest.source_format.as_str()));
     println!("  {}", t!("show.size", size = format_bytes(manifest.size)));
+    if let Some(family) = resolved.base.family() {
+        println!("  {}", t!("show.family", family = family));
+    }
+    if let Some(count) = resolved.base.parameter_count() {
+        println!("  {}", t!("show.parameters_count", count = crate::api::ollama::parameter_size(count)));
+    }
+    if let Some(context) = resolved.base.context_length() {
+        println!("  {}", t!("show.context", context = context));
+    }
     if let Some(quantization) = &manifest.quantization {
         println!("  {}", t!("show.quantization", quantization = quantization));
     }
@@ -216,7 +225,7 @@ pub fn rm(args: RmArgs) -> CliResult {
 }
 
 /// Models loaded by the running server, from its `/api/ps` (None when no server answers).
-fn loaded_models(config: &Config) -> Option<Vec<serde_json::Value>> {
+fn loaded_models(config: &Config) -> Option<(Vec<serde_json::Value>, serde_json::Value)> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
     runtime.block_on(async {
         let client = reqwest::Client::builder().connect_timeout(std::time::Duration::from_millis(500)).timeout(std::time::Duration::from_secs(5)).build().ok()?;
@@ -226,7 +235,7 @@ fn loaded_models(config: &Config) -> Option<Vec<serde_json::Value>> {
         }
         let response = request.send().await.ok()?;
         let body: serde_json::Value = response.json().await.ok()?;
-        body["models"].as_array().cloned()
+        Some((body["models"].as_array().cloned()?, body["memory"].clone()))
     })
 }
 
@@ -258,8 +267,13 @@ pub fn ps() -> CliResult {
     let config = super::load_config()?;
     match loaded_models(&config) {
         None => println!("{}", t!("ps.no_server")),
-        Some(models) if models.is_empty() => println!("{}", t!("ps.none_loaded")),
-        Some(models) => print_loaded(&models),
+        Some((models, _)) if models.is_empty() => println!("{}", t!("ps.none_loaded")),
+        Some((models, memory)) => {
+            print_loaded(&models);
+            if let (Some(active), Some(peak)) = (memory["active"].as_u64(), memory["peak"].as_u64()) {
+                println!("{}", t!("ps.memory", active = format_bytes(active), peak = format_bytes(peak)));
+            }
+        }
     }
     Ok(())
 }

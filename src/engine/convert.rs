@@ -94,28 +94,11 @@ pub fn gguf_to_folder(gguf: &Path, out: &Path, format: WeightFormat) -> Result<W
     Array::save_safetensors(arrays.iter().map(|(k, v)| (k.as_str(), v)), None, out.join("model.safetensors"))
         .map_err(|e| io(&out.join("model.safetensors"), e))?;
 
-    let model_type = if arch == "qwen2" { "qwen2" } else { "llama" };
-    let mut config_json = json!({
-        "architectures": [if arch == "qwen2" { "Qwen2ForCausalLM" } else { "LlamaForCausalLM" }],
-        "model_type": model_type,
-        "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size,
-        "num_attention_heads": config.num_heads,
-        "num_hidden_layers": config.num_layers,
-        "num_key_value_heads": config.num_kv_heads,
-        "head_dim": config.head_dim,
-        "rms_norm_eps": config.rms_norm_eps,
-        "rope_theta": config.rope_theta,
-        "max_position_embeddings": config.max_position_embeddings,
-        "vocab_size": config.vocab_size,
-        "tie_word_embeddings": config.tie_word_embeddings,
-        "bos_token_id": bos_token.as_ref().map(|b| b.0),
-        "eos_token_id": eos_token_ids.first(),
-        "torch_dtype": match format { WeightFormat::Dense(dtype) => dtype_name(dtype), WeightFormat::KeepQuantized => "float16" },
-    });
-    if let super::llama::RopeScaling::Linear { factor } = config.rope_scaling {
-        config_json["rope_scaling"] = json!({"type": "linear", "factor": factor});
-    }
+    let mut config_json = config;
+    config_json["architectures"] = json!([architecture_name(&arch)]);
+    config_json["bos_token_id"] = json!(bos_token.as_ref().map(|b| b.0));
+    config_json["eos_token_id"] = json!(eos_token_ids.first());
+    config_json["torch_dtype"] = json!(match format { WeightFormat::Dense(dtype) => dtype_name(dtype), WeightFormat::KeepQuantized => "float16" });
     if quantized {
         // Bits differ per tensor (e.g. Q8_0 embeddings, Q4_1 layers); loaders read them
         // from the packed shapes, the group size is GGUF's 32.
@@ -130,7 +113,7 @@ pub fn gguf_to_folder(gguf: &Path, out: &Path, format: WeightFormat) -> Result<W
             "bos_token": bos_token.as_ref().map(|b| b.1.clone()),
             "eos_token": eos_text,
             "add_bos_token": add_bos,
-            "model_max_length": config.max_position_embeddings,
+            "model_max_length": config_json["max_position_embeddings"],
             "clean_up_tokenization_spaces": false,
         }),
     )?;
@@ -145,20 +128,71 @@ pub fn gguf_to_folder(gguf: &Path, out: &Path, format: WeightFormat) -> Result<W
     })
 }
 
-/// Linear and embedding weights that quantization applies to.
+/// The transformers class name of a GGUF architecture, for config.json.
+fn architecture_name(arch: &str) -> &'static str {
+    match arch {
+        "qwen2" => "Qwen2ForCausalLM",
+        "qwen3" => "Qwen3ForCausalLM",
+        "qwen3moe" => "Qwen3MoeForCausalLM",
+        "gemma2" => "Gemma2ForCausalLM",
+        "gemma3" => "Gemma3ForCausalLM",
+        "phi3" => "Phi3ForCausalLM",
+        "olmo2" => "Olmo2ForCausalLM",
+        "granite" => "GraniteForCausalLM",
+        "smollm3" => "SmolLM3ForCausalLM",
+        "mistral" => "MistralForCausalLM",
+        _ => "LlamaForCausalLM",
+    }
+}
+
+/// Linear, embedding and expert weights that quantization applies to (what mlx-lm's
+/// `convert -q` quantizes: every layer whose input size divides into groups).
 fn quantizable(name: &str, array: &Array, group_size: i32) -> bool {
     let linear = [
         ".q_proj.weight",
         ".k_proj.weight",
         ".v_proj.weight",
+        ".qkv_proj.weight",
         ".o_proj.weight",
         ".gate_proj.weight",
         ".up_proj.weight",
+        ".gate_up_proj.weight",
         ".down_proj.weight",
+        ".mlp.gate.weight",
+        ".block_sparse_moe.gate.weight",
         "embed_tokens.weight",
         "lm_head.weight",
     ];
-    array.ndim() == 2 && array.dim(1) % group_size == 0 && linear.iter().any(|suffix| name.ends_with(suffix))
+    let experts = name.contains(".switch_mlp.") && array.ndim() == 3;
+    (array.ndim() == 2 || experts) && array.dim(-1) % group_size == 0 && linear.iter().any(|suffix| name.ends_with(suffix))
+}
+
+/// Hugging Face checkpoints hold one tensor per expert; the local layout stacks them as
+/// `switch_mlp.{gate,up,down}_proj` `[experts, out, in]`, as mlx-lm does, so they quantize
+/// and run as one gather matmul.
+fn stack_experts(arrays: &mut HashMap<String, Array>) -> Result<()> {
+    let mut groups: HashMap<String, Vec<(usize, String)>> = HashMap::new();
+    for name in arrays.keys() {
+        let Some((block, rest)) = name.split_once(".experts.") else { continue };
+        let Some((index, part)) = rest.split_once('.') else { continue };
+        let Ok(index) = index.parse::<usize>() else { continue };
+        let stacked_part = match part {
+            "w1.weight" | "gate_proj.weight" => "gate_proj.weight",
+            "w3.weight" | "up_proj.weight" => "up_proj.weight",
+            "w2.weight" | "down_proj.weight" => "down_proj.weight",
+            _ => continue,
+        };
+        groups.entry(format!("{block}.switch_mlp.{stacked_part}")).or_default().push((index, name.clone()));
+    }
+    for (stacked, mut parts) in groups {
+        parts.sort();
+        if parts.iter().enumerate().any(|(i, (index, _))| i != *index) {
+            return Err(EngineError::InvalidModel(format!("{stacked}: expert tensors are not numbered 0..{}", parts.len())));
+        }
+        let arrays_in_order: Vec<Array> = parts.iter().filter_map(|(_, name)| arrays.remove(name)).collect();
+        arrays.insert(stacked, ops::stack(&arrays_in_order, 0)?);
+    }
+    Ok(())
 }
 
 /// Quantizes the model folder `source` into `out` (existing, empty) with MLX affine
@@ -202,6 +236,7 @@ pub fn quantize_folder(source: &Path, out: &Path, bits: i32, group_size: i32) ->
         let old_bits = weight.dim(-1) * 32 / in_features.max(1);
         arrays.insert(format!("{prefix}.weight"), ops::dequantize(&weight, &scales, &biases, group, old_bits)?.as_dtype(Dtype::Float32)?);
     }
+    stack_experts(&mut arrays)?;
     let mut output: HashMap<String, Array> = HashMap::with_capacity(arrays.len() * 2);
     for (name, array) in arrays {
         if quantizable(&name, &array, group_size) {

@@ -85,6 +85,11 @@ pub enum Progress {
 }
 
 impl Sequence {
+    /// The most tokens this sequence may still add.
+    pub fn max_new_tokens(&self) -> usize {
+        self.max_tokens.saturating_sub(self.generated.len())
+    }
+
     pub fn new(
         request: GenerateRequest,
         cache: Vec<KvCache>,
@@ -167,6 +172,23 @@ impl Sequence {
         history.extend_from_slice(&self.prompt);
         history.extend_from_slice(&self.generated);
         let token = self.sampler.sample(logits, &history);
+        let logprob = chosen_logprob.map(|(top, all)| TokenLogprob { token, logprob: all[token as usize], top });
+        self.accept_token(token, logprob)
+    }
+
+    /// Whether the next token is the argmax of the logits and nothing else needs them: then
+    /// the device may pick it (no host copy of the logits) while the host is still busy.
+    pub fn greedy_on_device(&self) -> bool {
+        let params = self.sampler.params();
+        params.temperature <= 0.0 && !params.has_penalties() && self.constraint.is_none() && self.logprobs.is_none()
+    }
+
+    /// Takes the next token (sampled on the host or picked on the device) and reports it.
+    pub fn accept_token(&mut self, token: u32, logprob: Option<TokenLogprob>) -> Progress {
+        if self.decode_started.is_none() {
+            self.prefill_time = self.started.elapsed();
+            self.decode_started = Some(Instant::now());
+        }
         if self.eos_token_ids.contains(&token) {
             return self.finish(FinishReason::Stop, false);
         }
@@ -187,7 +209,6 @@ impl Sequence {
             }
         };
         let (shown, stopped) = self.stop.push(&text);
-        let logprob = chosen_logprob.map(|(top, all)| TokenLogprob { token, logprob: all[token as usize], top });
         let _ = self.events.send(EngineEvent::Token { text: shown, token, logprob });
         if stopped {
             return self.finish(FinishReason::Stop, true);

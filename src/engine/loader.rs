@@ -1,19 +1,20 @@
 //! Loading a model from disk into MLX arrays: GGUF files, Hugging Face folders
 //! (config.json + safetensors, sharded or not) and MLX folders whose config.json carries a
-//! `quantization` block. Whatever the source, tensors are renamed to Hugging Face's llama
-//! naming, and GGUF's permuted Q/K rows are put back in the half-split RoPE order, so one
-//! model implementation serves every path.
+//! `quantization` block. Whatever the source, the model is described by a Hugging Face
+//! config.json and Hugging Face tensor names (a GGUF's metadata and tensors are translated
+//! into them, Q/K rows put back in half-split RoPE order), so one decoder serves every path.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use mlx_rs::{Array, Dtype};
+use mlx_rs::{ops, Array, Dtype};
 use serde_json::Value;
 
 use super::bert::{BertConfig, BertLayer, BertModel, LayerNorm, Pooling};
-use super::device::WeightPolicy;
-use super::llama::{Attention, Layer, LlamaConfig, LlamaModel, Mlp, RopeScaling};
+use super::decoder::{BlockLayout, DecoderConfig, DecoderModel, Experts, FeedForward, Layer, QkNorm, SUPPORTED_FAMILIES};
+use super::device::{DevicePolicy, WeightPolicy};
+use super::gguf;
 use super::nn::{Embedding, Linear, Projections, Quantized, Weight};
 use super::template::ChatTemplate;
 use super::tokenizer::{self, GgufVocab};
@@ -57,7 +58,7 @@ pub struct EmbedFrontend {
 }
 
 pub enum LoadedModel {
-    Chat { model: LlamaModel, frontend: Arc<ChatFrontend> },
+    Chat { model: DecoderModel, frontend: Arc<ChatFrontend> },
     Embedding { model: BertModel, frontend: Arc<EmbedFrontend> },
 }
 
@@ -87,7 +88,7 @@ fn invalid(path: &Path, detail: impl std::fmt::Display) -> EngineError {
 }
 
 /// Loads the model at `path`: a `.gguf` file or a folder.
-pub fn load(path: &Path, policy: WeightPolicy) -> Result<LoadedModel> {
+pub fn load(path: &Path, policy: DevicePolicy) -> Result<LoadedModel> {
     if !path.exists() {
         return Err(EngineError::Io { path: path.to_path_buf(), reason: "no such file or folder".into() });
     }
@@ -116,10 +117,16 @@ pub fn load(path: &Path, policy: WeightPolicy) -> Result<LoadedModel> {
     if model_type == "bert" || architectures.iter().any(|a| a.starts_with("Bert")) {
         return load_bert(path, &config, policy);
     }
-    match model_type.as_str() {
-        "llama" | "mistral" | "qwen2" | "smollm" | "smollm2" => load_hf_llama(path, &config, policy),
-        other => Err(EngineError::UnsupportedArchitecture(if other.is_empty() { architectures.join(",") } else { other.to_string() })),
+    if model_type.is_empty() {
+        return Err(EngineError::UnsupportedArchitecture(format!(
+            "{} (config.json has no model_type); supported: {}",
+            architectures.join(","),
+            SUPPORTED_FAMILIES.join(", ")
+        )));
     }
+    // An unknown family is refused before any weight is read.
+    DecoderConfig::from_hf(&config)?;
+    load_hf_decoder(path, &config, policy)
 }
 
 fn read_json(path: &Path) -> Result<Value> {
@@ -212,49 +219,181 @@ fn unpermute_rows(array: &Array, heads: i32) -> Result<Array> {
     Ok(array.reshape(&[heads, rows / heads / 2, 2, cols])?.swap_axes(1, 2)?.reshape(&[rows, cols])?)
 }
 
-fn build_llama(mut tensors: Tensors, config: LlamaConfig, policy: WeightPolicy) -> Result<LlamaModel> {
+/// The dtype a checkpoint was stored in: its quantization scales' dtype when quantized, else
+/// its embedding's, else what config.json says.
+fn native_dtype(arrays: &HashMap<String, Array>, config: &Value) -> Dtype {
+    let floating = |d: Dtype| matches!(d, Dtype::Float16 | Dtype::Bfloat16 | Dtype::Float32);
+    if let Some(scales) = arrays.iter().find(|(name, _)| name.ends_with(".scales")).map(|(_, a)| a.dtype()) {
+        if floating(scales) {
+            return scales;
+        }
+    }
+    let declared = config["torch_dtype"].as_str().or_else(|| config["dtype"].as_str());
+    match declared {
+        Some("bfloat16") => return Dtype::Bfloat16,
+        Some("float16") => return Dtype::Float16,
+        Some("float32") => return Dtype::Float32,
+        _ => {}
+    }
+    arrays
+        .iter()
+        .find(|(name, _)| name.ends_with("embed_tokens.weight"))
+        .map(|(_, a)| a.dtype())
+        .filter(|d| floating(*d))
+        .unwrap_or(Dtype::Float32)
+}
+
+impl Tensors {
+    /// A norm weight in the policy's dtype; Gemma's `1 + w` is folded in here.
+    fn norm(&mut self, name: &str, config: &DecoderConfig, policy: WeightPolicy) -> Result<Array> {
+        let weight = self.take(name)?;
+        if config.norm_offset {
+            Ok(weight.as_dtype(Dtype::Float32)?.add(Array::from_f32(1.0))?.as_dtype(policy.dtype)?)
+        } else {
+            Ok(weight.as_dtype(policy.dtype)?)
+        }
+    }
+
+    fn optional_norm(&mut self, name: &str, config: &DecoderConfig, policy: WeightPolicy) -> Result<Option<Array>> {
+        if self.arrays.contains_key(name) {
+            Ok(Some(self.norm(name, config, policy)?))
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Expert weights `[experts, out, in]`: stacked MLX layout (`switch_mlp.NAME`) or one
+    /// tensor per expert in Hugging Face layout (`experts.E.NAME`).
+    fn experts(&mut self, prefix: &str, stacked: &str, per_expert: &str, count: i32, policy: WeightPolicy) -> Result<Experts> {
+        let stacked_name = format!("{prefix}.switch_mlp.{stacked}");
+        if self.arrays.contains_key(&format!("{stacked_name}.weight")) {
+            return Ok(Experts { weight: self.weight(&stacked_name)?.prepared(policy.dense, policy.dtype)? });
+        }
+        let mut parts = Vec::with_capacity(count as usize);
+        for expert in 0..count {
+            match self.weight(&format!("{prefix}.experts.{expert}.{per_expert}"))? {
+                Weight::Dense(array) => parts.push(array),
+                Weight::Quantized(_) => return Err(invalid(&self.source, format!("{prefix}: per-expert quantized weights are not supported"))),
+            }
+        }
+        Ok(Experts { weight: Weight::Dense(ops::stack(&parts, 0)?).prepared(policy.dense, policy.dtype)? })
+    }
+}
+
+/// Builds a decoder of any supported family from Hugging Face-named tensors.
+fn build_decoder(mut tensors: Tensors, config_json: &Value, device: DevicePolicy) -> Result<DecoderModel> {
+    let config = DecoderConfig::from_hf(config_json).map_err(|error| match error {
+        EngineError::InvalidModel(detail) => invalid(&tensors.source, detail),
+        other => other,
+    })?;
+    let policy = device.for_model(native_dtype(&tensors.arrays, config_json));
+    // Some checkpoints carry the `model.` prefix inside a `language_model.` wrapper.
+    let renamed: Vec<String> = tensors.arrays.keys().filter(|n| n.starts_with("language_model.")).cloned().collect();
+    for name in renamed {
+        if let Some(array) = tensors.arrays.remove(&name) {
+            tensors.arrays.insert(name.trim_start_matches("language_model.").to_string(), array);
+        }
+    }
     let embed = tensors.weight("model.embed_tokens")?;
-    // On the CPU the embedding is held dense too: it doubles as the output projection.
     let embed_tokens = Embedding { table: embed.prepared(policy.dense, policy.dtype)? };
     let mut layers = Vec::with_capacity(config.num_layers);
-    for index in 0..config.num_layers {
+    for (index, kind) in config.layers.iter().enumerate() {
         let prefix = format!("model.layers.{index}");
-        let q_proj_weight = tensors.weight(&format!("{prefix}.self_attn.q_proj"))?;
-        let k_proj_weight = tensors.weight(&format!("{prefix}.self_attn.k_proj"))?;
-        let bias = |tensors: &mut Tensors, name: &str| -> Result<Option<Array>> {
-            match tensors.take_optional(&format!("{prefix}.self_attn.{name}.bias")) {
-                Some(b) => Ok(Some(b.as_dtype(policy.dtype)?)),
-                None => Ok(None),
-            }
+        let attn = format!("{prefix}.self_attn");
+        let linear_with_bias = |tensors: &mut Tensors, name: &str| tensors.linear(name, policy);
+        let qkv = if config.fused_qkv {
+            let fused = linear_with_bias(&mut tensors, &format!("{attn}.qkv_proj"))?;
+            let q = config.num_heads * config.head_dim;
+            let kv = config.num_kv_heads * config.head_dim;
+            Projections::Fused { linear: fused, sizes: vec![q, kv, kv] }
+        } else {
+            Projections::new(vec![
+                linear_with_bias(&mut tensors, &format!("{attn}.q_proj"))?,
+                linear_with_bias(&mut tensors, &format!("{attn}.k_proj"))?,
+                linear_with_bias(&mut tensors, &format!("{attn}.v_proj"))?,
+            ])?
         };
-        let q_proj = Linear { weight: q_proj_weight.prepared(policy.dense, policy.dtype)?, bias: bias(&mut tensors, "q_proj")? };
-        let k_proj = Linear { weight: k_proj_weight.prepared(policy.dense, policy.dtype)?, bias: bias(&mut tensors, "k_proj")? };
-        let v_proj = tensors.linear(&format!("{prefix}.self_attn.v_proj"), policy)?;
-        let gate_proj = tensors.linear(&format!("{prefix}.mlp.gate_proj"), policy)?;
-        let up_proj = tensors.linear(&format!("{prefix}.mlp.up_proj"), policy)?;
-        layers.push(Layer {
-            input_layernorm: tensors.vector(&format!("{prefix}.input_layernorm.weight"), policy)?,
-            attention: Attention {
-                qkv: Projections::new(vec![q_proj, k_proj, v_proj])?,
-                o_proj: tensors.linear(&format!("{prefix}.self_attn.o_proj"), policy)?,
+        let o_proj = tensors.linear(&format!("{attn}.o_proj"), policy)?;
+        let (q_norm, k_norm) = match config.qk_norm {
+            QkNorm::None => (None, None),
+            _ => (Some(tensors.norm(&format!("{attn}.q_norm.weight"), &config, policy)?), Some(tensors.norm(&format!("{attn}.k_norm.weight"), &config, policy)?)),
+        };
+        let (input_norm, post_attention_norm, pre_ff_norm, post_ff_norm) = match config.layout {
+            BlockLayout::PreNorm => (
+                Some(tensors.norm(&format!("{prefix}.input_layernorm.weight"), &config, policy)?),
+                None,
+                Some(tensors.norm(&format!("{prefix}.post_attention_layernorm.weight"), &config, policy)?),
+                None,
+            ),
+            BlockLayout::Sandwich => (
+                Some(tensors.norm(&format!("{prefix}.input_layernorm.weight"), &config, policy)?),
+                Some(tensors.norm(&format!("{prefix}.post_attention_layernorm.weight"), &config, policy)?),
+                Some(tensors.norm(&format!("{prefix}.pre_feedforward_layernorm.weight"), &config, policy)?),
+                Some(tensors.norm(&format!("{prefix}.post_feedforward_layernorm.weight"), &config, policy)?),
+            ),
+            BlockLayout::PostNorm => (
+                tensors.optional_norm(&format!("{prefix}.input_layernorm.weight"), &config, policy)?,
+                Some(tensors.norm(&format!("{prefix}.post_attention_layernorm.weight"), &config, policy)?),
+                None,
+                Some(tensors.norm(&format!("{prefix}.post_feedforward_layernorm.weight"), &config, policy)?),
+            ),
+        };
+        let ff = match (kind.moe, config.moe) {
+            (true, Some(moe)) => {
+                let (block, names) = if config.family == "mixtral" {
+                    (format!("{prefix}.block_sparse_moe"), [("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")])
+                } else {
+                    (format!("{prefix}.mlp"), [("gate_proj", "gate_proj"), ("up_proj", "up_proj"), ("down_proj", "down_proj")])
+                };
+                FeedForward::Experts {
+                    router: tensors.linear(&format!("{block}.gate"), policy)?,
+                    gate: tensors.experts(&block, names[0].0, names[0].1, moe.num_experts, policy)?,
+                    up: tensors.experts(&block, names[1].0, names[1].1, moe.num_experts, policy)?,
+                    down: tensors.experts(&block, names[2].0, names[2].1, moe.num_experts, policy)?,
+                }
+            }
+            _ if config.fused_gate_up => {
+                let fused = tensors.linear(&format!("{prefix}.mlp.gate_up_proj"), policy)?;
+                let half = fused.weight.out_features() / 2;
+                FeedForward::Dense { gate_up: Projections::Fused { linear: fused, sizes: vec![half, half] }, down: tensors.linear(&format!("{prefix}.mlp.down_proj"), policy)? }
+            }
+            _ => FeedForward::Dense {
+                gate_up: Projections::new(vec![tensors.linear(&format!("{prefix}.mlp.gate_proj"), policy)?, tensors.linear(&format!("{prefix}.mlp.up_proj"), policy)?])?,
+                down: tensors.linear(&format!("{prefix}.mlp.down_proj"), policy)?,
             },
-            post_attention_layernorm: tensors.vector(&format!("{prefix}.post_attention_layernorm.weight"), policy)?,
-            mlp: Mlp { gate_up: Projections::new(vec![gate_proj, up_proj])?, down_proj: tensors.linear(&format!("{prefix}.mlp.down_proj"), policy)? },
-        });
+        };
+        layers.push(Layer { input_norm, post_attention_norm, pre_ff_norm, post_ff_norm, q_norm, k_norm, qkv, o_proj, ff });
     }
-    let norm = tensors.vector("model.norm.weight", policy)?;
-    let lm_head = if tensors.arrays.contains_key("lm_head.weight") && !config.tie_word_embeddings {
-        Some(tensors.linear("lm_head", policy)?)
-    } else {
-        None
-    };
-    LlamaModel::new(config, embed_tokens, layers, norm, lm_head)
+    let norm = tensors.norm("model.norm.weight", &config, policy)?;
+    let lm_head = if tensors.arrays.contains_key("lm_head.weight") && !config.tie_word_embeddings { Some(tensors.linear("lm_head", policy)?) } else { None };
+    if lm_head.is_none() && !config.tie_word_embeddings && !tensors.arrays.contains_key("lm_head.weight") {
+        tracing::debug!("no lm_head: the embedding table serves as the output projection");
+    }
+    if embed_tokens.table.out_features() < config.vocab_size {
+        return Err(invalid(&tensors.source, format!("the embedding table has {} rows for a vocabulary of {}", embed_tokens.table.out_features(), config.vocab_size)));
+    }
+    Ok(DecoderModel { config, embed_tokens, layers, norm, lm_head, dtype: policy.dtype })
 }
 
 // ---------------------------------------------------------------------------------------
 // GGUF
 
-fn gguf_key_name(name: &str) -> Option<String> {
+/// llama.cpp's architecture names and the Hugging Face `model_type` each becomes.
+const GGUF_ARCHITECTURES: &[(&str, &str)] = &[
+    ("llama", "llama"),
+    ("mistral", "mistral"),
+    ("qwen2", "qwen2"),
+    ("qwen3", "qwen3"),
+    ("qwen3moe", "qwen3_moe"),
+    ("gemma2", "gemma2"),
+    ("gemma3", "gemma3_text"),
+    ("phi3", "phi3"),
+    ("olmo2", "olmo2"),
+    ("granite", "granite"),
+    ("smollm3", "smollm3"),
+];
+
+fn gguf_key_name(arch: &str, name: &str) -> Option<String> {
     let renamed = match name {
         "token_embd" => "model.embed_tokens".to_string(),
         "output_norm" => "model.norm".to_string(),
@@ -262,16 +401,28 @@ fn gguf_key_name(name: &str) -> Option<String> {
         _ => {
             let rest = name.strip_prefix("blk.")?;
             let (index, part) = rest.split_once('.')?;
+            let gemma = arch.starts_with("gemma");
             let part = match part {
                 "attn_norm" => "input_layernorm",
                 "attn_q" => "self_attn.q_proj",
                 "attn_k" => "self_attn.k_proj",
                 "attn_v" => "self_attn.v_proj",
+                "attn_qkv" => "self_attn.qkv_proj",
                 "attn_output" => "self_attn.o_proj",
+                "attn_q_norm" => "self_attn.q_norm",
+                "attn_k_norm" => "self_attn.k_norm",
+                "post_attention_norm" => "post_attention_layernorm",
+                "ffn_post_norm" | "post_ffw_norm" => "post_feedforward_layernorm",
+                "ffn_norm" if gemma => "pre_feedforward_layernorm",
                 "ffn_norm" => "post_attention_layernorm",
                 "ffn_gate" => "mlp.gate_proj",
+                "ffn_up" if arch == "phi3" => "mlp.gate_up_proj",
                 "ffn_up" => "mlp.up_proj",
                 "ffn_down" => "mlp.down_proj",
+                "ffn_gate_inp" => "mlp.gate",
+                "ffn_gate_exps" => "mlp.switch_mlp.gate_proj",
+                "ffn_up_exps" => "mlp.switch_mlp.up_proj",
+                "ffn_down_exps" => "mlp.switch_mlp.down_proj",
                 _ => return None,
             };
             format!("model.layers.{index}.{part}")
@@ -280,11 +431,12 @@ fn gguf_key_name(name: &str) -> Option<String> {
     Some(renamed)
 }
 
-/// Everything a GGUF file holds, with tensors renamed to Hugging Face's llama naming and Q/K
-/// rows back in half-split order (still quantized as stored).
+/// Everything a GGUF file holds, as a Hugging Face config.json and Hugging Face-named
+/// tensors (still quantized as stored; Q/K rows back in half-split order; Gemma norms
+/// without llama.cpp's folded `+1`).
 pub struct GgufContents {
     pub arch: String,
-    pub config: LlamaConfig,
+    pub config: Value,
     pub tensors: HashMap<String, Array>,
     pub tokenizer: tokenizers::Tokenizer,
     pub chat_template: Option<String>,
@@ -310,122 +462,135 @@ fn file_type_name(code: u32) -> Option<&'static str> {
 
 pub fn read_gguf(path: &Path) -> Result<GgufContents> {
     use mlx_rs::io::GgufFile;
-    let file = GgufFile::load(path).map_err(|error| invalid(path, format!("cannot read GGUF: {error}")))?;
-    let meta_string = |key: &str| file.get_metadata_string(key).ok().flatten();
-    let meta_number = |key: &str| -> Option<f64> {
-        let array = file.get_metadata_array(key).ok().flatten()?;
-        let array = array.as_dtype(Dtype::Float64).ok()?;
-        array.eval().ok()?;
-        array.try_as_slice::<f64>().ok()?.first().copied()
+    let header = gguf::read_header(path).map_err(|error| invalid(path, format!("cannot read GGUF: {error}")))?;
+    let arch = header.string("general.architecture").ok_or_else(|| invalid(path, "no general.architecture"))?;
+    let Some(model_type) = GGUF_ARCHITECTURES.iter().find(|(a, _)| *a == arch).map(|(_, t)| *t) else {
+        let known: Vec<&str> = GGUF_ARCHITECTURES.iter().map(|(a, _)| *a).collect();
+        return Err(EngineError::UnsupportedArchitecture(format!("{arch} (GGUF); supported: {}", known.join(", "))));
     };
-    let arch = meta_string("general.architecture").ok_or_else(|| invalid(path, "no general.architecture"))?;
-    if !matches!(arch.as_str(), "llama" | "qwen2" | "mistral") {
-        return Err(EngineError::UnsupportedArchitecture(arch));
-    }
     let key = |name: &str| format!("{arch}.{name}");
-    let required = |name: &str| meta_number(&key(name)).ok_or_else(|| invalid(path, format!("missing {}", key(name))));
-    let tokens = file
-        .get_metadata_strings("tokenizer.ggml.tokens")
-        .ok()
-        .flatten()
-        .ok_or_else(|| invalid(path, "no tokenizer in the GGUF metadata"))?;
-    let hidden_size = required("embedding_length")? as i32;
-    let num_heads = required("attention.head_count")? as i32;
-    let num_kv_heads = meta_number(&key("attention.head_count_kv")).map(|n| n as i32).unwrap_or(num_heads);
-    let head_dim = meta_number(&key("attention.key_length")).map(|n| n as i32).unwrap_or(hidden_size / num_heads);
-    let rope_scaling = match meta_string(&key("rope.scaling.type")).as_deref() {
-        Some("linear") => RopeScaling::Linear { factor: meta_number(&key("rope.scaling.factor")).unwrap_or(1.0) as f32 },
-        _ => RopeScaling::None,
-    };
+    let number = |name: &str| header.number(&key(name));
+    let required = |name: &str| number(name).ok_or_else(|| invalid(path, format!("missing {}", key(name))));
+    let tokens = header.strings("tokenizer.ggml.tokens").ok_or_else(|| invalid(path, "no tokenizer in the GGUF metadata"))?;
+    let hidden_size = required("embedding_length")?;
+    let num_heads = required("attention.head_count")?;
+    let head_dim = number("attention.key_length").unwrap_or(hidden_size / num_heads);
+    let mut config = serde_json::json!({
+        "model_type": model_type,
+        "hidden_size": hidden_size,
+        "num_hidden_layers": required("block_count")?,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": number("attention.head_count_kv").unwrap_or(num_heads),
+        "head_dim": head_dim,
+        "intermediate_size": required("feed_forward_length")?,
+        "vocab_size": number("vocab_size").unwrap_or(tokens.len() as f64),
+        "rms_norm_eps": number("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
+        "rope_theta": number("rope.freq_base").unwrap_or(10000.0),
+        "max_position_embeddings": number("context_length").unwrap_or(4096.0),
+    });
+    if header.string(&key("rope.scaling.type")).as_deref() == Some("linear") {
+        config["rope_scaling"] = serde_json::json!({"type": "linear", "factor": number("rope.scaling.factor").unwrap_or(1.0)});
+    }
+    if let Some(dims) = number("rope.dimension_count") {
+        if dims < head_dim {
+            config["partial_rotary_factor"] = (dims / head_dim).into();
+        }
+    }
+    for (gguf_key, hf_key) in [
+        ("attn_logit_softcapping", "attn_logit_softcapping"),
+        ("final_logit_softcapping", "final_logit_softcapping"),
+        ("attention.sliding_window", "sliding_window"),
+        ("expert_count", "num_experts"),
+        ("expert_used_count", "num_experts_per_tok"),
+        ("expert_feed_forward_length", "moe_intermediate_size"),
+        ("embedding_scale", "embedding_multiplier"),
+        ("residual_scale", "residual_multiplier"),
+        ("attention.scale", "attention_multiplier"),
+        ("logit_scale", "logits_scaling"),
+    ] {
+        if let Some(value) = number(gguf_key) {
+            config[hf_key] = value.into();
+        }
+    }
+    if model_type.starts_with("gemma") {
+        config["query_pre_attn_scalar"] = head_dim.into();
+    }
+    if model_type == "qwen3_moe" {
+        config["norm_topk_prob"] = true.into();
+    }
 
+    let file = GgufFile::load(path).map_err(|error| invalid(path, format!("cannot read GGUF: {error}")))?;
     let raw = file.arrays().map_err(|error| {
         invalid(path, format!("cannot read GGUF tensors ({error}); supported tensor types are F32, F16, Q4_0, Q4_1 and Q8_0"))
     })?;
     let mut tensors = HashMap::with_capacity(raw.len());
     for (name, array) in raw {
         let Some((base, suffix)) = name.rsplit_once('.') else { continue };
-        match gguf_key_name(base) {
+        match gguf_key_name(&arch, base) {
             Some(renamed) => {
                 tensors.insert(format!("{renamed}.{suffix}"), array);
             }
-            None if base.starts_with("rope_freqs") => {}
+            None if base.starts_with("rope_freqs") || base.starts_with("rope_factors") => {}
             None => return Err(invalid(path, format!("unexpected tensor {name}"))),
         }
     }
+    let heads = |name: &str| -> i32 { if name.contains(".q_proj.") { num_heads as i32 } else { config["num_key_value_heads"].as_f64().unwrap_or(num_heads) as i32 } };
     // llama.cpp permutes Q/K rows of llama-architecture models for its interleaved RoPE.
-    if arch == "llama" || arch == "mistral" {
-        let names: Vec<String> = tensors.keys().filter(|n| n.contains(".self_attn.q_proj.") || n.contains(".self_attn.k_proj.")).cloned().collect();
+    if arch == "llama" || arch == "mistral" || arch == "granite" {
+        let names: Vec<String> = tensors.keys().filter(|n| (n.contains(".self_attn.q_proj.") || n.contains(".self_attn.k_proj.")) && !n.ends_with(".bias")).cloned().collect();
         for name in names {
-            let heads = if name.contains(".q_proj.") { num_heads } else { num_kv_heads };
-            if name.ends_with(".bias") {
-                continue;
-            }
             if let Some(array) = tensors.remove(&name) {
-                tensors.insert(name, unpermute_rows(&array, heads)?);
+                tensors.insert(name.clone(), unpermute_rows(&array, heads(&name))?);
             }
         }
     }
-    let tie_word_embeddings = !tensors.contains_key("lm_head.weight");
-    let config = LlamaConfig {
-        hidden_size,
-        num_layers: required("block_count")? as usize,
-        num_heads,
-        num_kv_heads,
-        head_dim,
-        intermediate_size: required("feed_forward_length")? as i32,
-        vocab_size: meta_number(&key("vocab_size")).map(|n| n as i32).unwrap_or(tokens.len() as i32),
-        rms_norm_eps: meta_number(&key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5) as f32,
-        rope_theta: meta_number(&key("rope.freq_base")).unwrap_or(10000.0) as f32,
-        rope_scaling,
-        rope_traditional: false,
-        tie_word_embeddings,
-        max_position_embeddings: meta_number(&key("context_length")).unwrap_or(4096.0) as usize,
-    };
+    // llama.cpp stores Gemma's norms as `1 + w`; the Hugging Face convention is `w`.
+    if model_type.starts_with("gemma") {
+        let names: Vec<String> = tensors.keys().filter(|n| n.ends_with("norm.weight")).cloned().collect();
+        for name in names {
+            if let Some(array) = tensors.remove(&name) {
+                tensors.insert(name, array.as_dtype(Dtype::Float32)?.subtract(Array::from_f32(1.0))?);
+            }
+        }
+    }
+    config["tie_word_embeddings"] = (!tensors.contains_key("lm_head.weight")).into();
     let vocab = GgufVocab {
-        model: meta_string("tokenizer.ggml.model").unwrap_or_else(|| "gpt2".into()),
-        pre: meta_string("tokenizer.ggml.pre"),
-        token_types: file
-            .get_metadata_array("tokenizer.ggml.token_type")
-            .ok()
-            .flatten()
-            .and_then(|a| a.as_dtype(Dtype::Int32).ok())
-            .map(|a| {
-                let _ = a.eval();
-                a.try_as_slice::<i32>().map(<[i32]>::to_vec).unwrap_or_default()
-            })
+        model: header.string("tokenizer.ggml.model").unwrap_or_else(|| "gpt2".into()),
+        pre: header.string("tokenizer.ggml.pre"),
+        token_types: header
+            .numbers("tokenizer.ggml.token_type")
+            .map(|types| types.into_iter().map(|t| t as i32).collect())
             .unwrap_or_else(|| vec![1; tokens.len()]),
-        merges: file.get_metadata_strings("tokenizer.ggml.merges").ok().flatten().unwrap_or_default(),
+        merges: header.strings("tokenizer.ggml.merges").unwrap_or_default(),
         tokens: tokens.clone(),
     };
-    let token_id = |name: &str| meta_number(name).map(|n| n as u32);
+    let token_id = |name: &str| header.number(name).map(|n| n as u32);
     let bos_token = token_id("tokenizer.ggml.bos_token_id").and_then(|id| tokens.get(id as usize).map(|t| (id, t.clone())));
     let mut eos_token_ids: Vec<u32> =
         ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"].iter().filter_map(|k| token_id(k)).collect();
     eos_token_ids.sort_unstable();
     eos_token_ids.dedup();
     let eos_text = eos_token_ids.first().and_then(|id| tokens.get(*id as usize)).cloned().unwrap_or_default();
-    let add_bos = meta_number("tokenizer.ggml.add_bos_token").map(|v| v != 0.0).unwrap_or(arch == "llama" && bos_token.is_some());
-    let chat_template = meta_string("tokenizer.chat_template");
-    let file_type = meta_number("general.file_type").and_then(|code| file_type_name(code as u32)).map(str::to_string);
+    let add_bos = header.number("tokenizer.ggml.add_bos_token").map(|v| v != 0.0).unwrap_or(arch == "llama" && bos_token.is_some());
+    let chat_template = header.string("tokenizer.chat_template");
+    let file_type = header.number("general.file_type").and_then(|code| file_type_name(code as u32)).map(str::to_string);
     let tokenizer = tokenizer::from_gguf(vocab)?;
     Ok(GgufContents { arch, config, tensors, tokenizer, chat_template, bos_token, eos_token_ids, eos_text, add_bos, file_type })
 }
 
-fn load_gguf(path: &Path, policy: WeightPolicy) -> Result<LoadedModel> {
+fn load_gguf(path: &Path, device: DevicePolicy) -> Result<LoadedModel> {
     let contents = read_gguf(path)?;
     let template = ChatTemplate::new(contents.chat_template, contents.bos_token.as_ref().map(|(_, t)| t.as_str()).unwrap_or(""), &contents.eos_text)?;
-    let context_length = contents.config.max_position_embeddings;
-    let vocab_size = contents.config.vocab_size as usize;
     let tensors = Tensors { source: path.to_path_buf(), arrays: contents.tensors, quantization: QuantSpec::gguf() };
-    let model = build_llama(tensors, contents.config, policy)?;
+    let model = build_decoder(tensors, &contents.config, device)?;
     let frontend = ChatFrontend {
         tokenizer: Arc::new(contents.tokenizer),
         template,
         bos_token: contents.bos_token,
         add_bos: contents.add_bos,
         eos_token_ids: contents.eos_token_ids,
-        context_length,
-        vocab_size,
+        context_length: model.config.max_position_embeddings,
+        vocab_size: model.config.vocab_size as usize,
     };
     Ok(LoadedModel::Chat { model, frontend: Arc::new(frontend) })
 }
@@ -497,42 +662,9 @@ fn ids_of(value: &Value) -> Vec<u32> {
     }
 }
 
-fn load_hf_llama(folder: &Path, config: &Value, policy: WeightPolicy) -> Result<LoadedModel> {
-    let number = |key: &str| config[key].as_f64();
-    let required = |key: &str| number(key).ok_or_else(|| invalid(folder, format!("config.json has no {key}")));
-    let hidden_size = required("hidden_size")? as i32;
-    let num_heads = required("num_attention_heads")? as i32;
-    let rope = &config["rope_scaling"];
-    let rope_kind = rope["rope_type"].as_str().or_else(|| rope["type"].as_str()).unwrap_or("");
-    let rope_scaling = match rope_kind {
-        "linear" => RopeScaling::Linear { factor: rope["factor"].as_f64().unwrap_or(1.0) as f32 },
-        "llama3" => RopeScaling::Llama3 {
-            factor: rope["factor"].as_f64().unwrap_or(8.0) as f32,
-            low_freq_factor: rope["low_freq_factor"].as_f64().unwrap_or(1.0) as f32,
-            high_freq_factor: rope["high_freq_factor"].as_f64().unwrap_or(4.0) as f32,
-            original_max_position: rope["original_max_position_embeddings"].as_f64().unwrap_or(8192.0) as f32,
-        },
-        "" | "default" => RopeScaling::None,
-        other => return Err(EngineError::UnsupportedArchitecture(format!("rope scaling '{other}'"))),
-    };
+fn load_hf_decoder(folder: &Path, config: &Value, device: DevicePolicy) -> Result<LoadedModel> {
     let quantization = QuantSpec::from_config(config);
     let arrays = load_safetensors(folder)?;
-    let tie_word_embeddings = config["tie_word_embeddings"].as_bool().unwrap_or(!arrays.contains_key("lm_head.weight"));
-    let llama = LlamaConfig {
-        hidden_size,
-        num_layers: required("num_hidden_layers")? as usize,
-        num_heads,
-        num_kv_heads: number("num_key_value_heads").map(|n| n as i32).unwrap_or(num_heads),
-        head_dim: number("head_dim").map(|n| n as i32).unwrap_or(hidden_size / num_heads),
-        intermediate_size: required("intermediate_size")? as i32,
-        vocab_size: required("vocab_size")? as i32,
-        rms_norm_eps: number("rms_norm_eps").unwrap_or(1e-5) as f32,
-        rope_theta: number("rope_theta").unwrap_or(10000.0) as f32,
-        rope_scaling,
-        rope_traditional: config["rope_traditional"].as_bool().unwrap_or(false),
-        tie_word_embeddings,
-        max_position_embeddings: number("max_position_embeddings").unwrap_or(4096.0) as usize,
-    };
     let tokenizer = Arc::new(tokenizer::from_file(&folder.join("tokenizer.json"))?);
     let tokenizer_config = read_json(&folder.join("tokenizer_config.json")).unwrap_or(Value::Null);
     let generation_config = read_json(&folder.join("generation_config.json")).unwrap_or(Value::Null);
@@ -552,17 +684,18 @@ fn load_hf_llama(folder: &Path, config: &Value, policy: WeightPolicy) -> Result<
         bos_token.as_ref().map(|(_, t)| t.as_str()).unwrap_or(""),
         eos_text.as_deref().unwrap_or(""),
     )?;
-    let context_length = llama.max_position_embeddings;
-    let vocab_size = llama.vocab_size as usize;
     let tensors = Tensors { source: folder.to_path_buf(), arrays, quantization };
-    let model = build_llama(tensors, llama, policy)?;
+    let model = build_decoder(tensors, config, device)?;
+    let context_length = model.config.max_position_embeddings;
+    let vocab_size = model.config.vocab_size as usize;
     let frontend = ChatFrontend { tokenizer, template, bos_token, add_bos, eos_token_ids, context_length, vocab_size };
     Ok(LoadedModel::Chat { model, frontend: Arc::new(frontend) })
 }
 
-fn load_bert(folder: &Path, config: &Value, policy: WeightPolicy) -> Result<LoadedModel> {
+fn load_bert(folder: &Path, config: &Value, device: DevicePolicy) -> Result<LoadedModel> {
     let number = |key: &str| config[key].as_f64().ok_or_else(|| invalid(folder, format!("config.json has no {key}")));
     let mut arrays = load_safetensors(folder)?;
+    let policy = device.for_model(native_dtype(&arrays, config));
     // Checkpoints saved from BertForMaskedLM and friends carry a "bert." prefix.
     arrays = arrays.into_iter().map(|(name, array)| (name.strip_prefix("bert.").map(str::to_string).unwrap_or(name), array)).collect();
     let sentence_config = read_json(&folder.join("sentence_bert_config.json")).unwrap_or(Value::Null);

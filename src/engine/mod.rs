@@ -14,9 +14,10 @@
 pub mod bert;
 pub mod constrain;
 pub mod convert;
+pub mod decoder;
 pub mod device;
 mod generate;
-pub mod llama;
+pub mod gguf;
 pub mod loader;
 pub mod nn;
 pub mod prefix;
@@ -32,7 +33,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use mlx_rs::{Array, Dtype};
+use mlx_rs::{ops, Array, Dtype};
 use tokio::sync::{mpsc as tokio_mpsc, oneshot};
 
 pub use device::Backend;
@@ -44,7 +45,7 @@ use crate::config::EngineConfig;
 use crate::i18n::Msg;
 use crate::msg;
 use generate::{Progress, Sequence};
-use llama::SequenceSlot;
+use decoder::{DecoderModel, SequenceSlot};
 use loader::LoadedModel;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -201,6 +202,12 @@ pub struct EngineStats {
     pub prefix: prefix::PrefixStats,
     /// Bytes MLX holds (arrays and caches).
     pub active_memory: u64,
+    /// The most MLX has held at once since the engine started.
+    pub peak_memory: u64,
+    /// Freed buffers MLX keeps for reuse.
+    pub cache_memory: u64,
+    /// MLX's memory limit (0 when none is set).
+    pub memory_limit: u64,
 }
 
 /// A handle to the engine thread.
@@ -215,6 +222,7 @@ impl Engine {
     /// Starts the worker thread.
     pub fn start(config: EngineConfig) -> Engine {
         let (commands, receiver) = mpsc::channel();
+        device::prepare_kernel_cache();
         let backend = device::detect();
         let thread = std::thread::Builder::new()
             .name("mlx-engine".into())
@@ -295,6 +303,9 @@ struct WorkerModel {
     /// Sequences decoding; with batched decoding row `i` of `batch` is `running[i]`'s cache.
     running: Vec<Sequence>,
     batch: nn::BatchCache,
+    /// Tokens of a decode step queued on the device and not yet read (`[rows]`, int32), one
+    /// per row of `running`: on a GPU, greedy rows pipeline (see `decode_pipelined_step`).
+    in_flight: Option<Array>,
     /// Built on the first request with an output format (it indexes the whole vocabulary).
     grammars: Option<Arc<constrain::GrammarCompiler>>,
 }
@@ -309,6 +320,22 @@ struct Worker {
 impl Worker {
     fn new(config: EngineConfig, backend: Backend) -> Worker {
         device::activate(backend);
+        let _ = mlx_rs::memory::set_cache_limit(usize::try_from(config.cache_limit_bytes).unwrap_or(usize::MAX));
+        if backend != Backend::Cpu {
+            // MLX's default limit is what the device can hold; keep a share of it free for
+            // the rest of the machine (other processes, the display on a Mac).
+            let device_limit = mlx_rs::memory::memory_limit().unwrap_or(0);
+            if device_limit > 0 {
+                let limit = (device_limit as f64 * f64::from(config.gpu_memory_fraction.clamp(0.05, 1.0))) as usize;
+                let _ = mlx_rs::memory::set_memory_limit(limit);
+            }
+        }
+        tracing::info!(
+            backend = backend.name(),
+            memory_limit = mlx_rs::memory::memory_limit().unwrap_or(0),
+            cache_limit = config.cache_limit_bytes,
+            "engine started"
+        );
         let prefix = prefix::PrefixCache::new(config.prefix_cache_bytes);
         Worker { config, backend, models: HashMap::new(), prefix }
     }
@@ -326,6 +353,8 @@ impl Worker {
                     Err(TryRecvError::Disconnected) => return,
                 }
             } else {
+                // Idle: hand freed buffers back instead of holding the peak of the last burst.
+                let _ = mlx_rs::memory::clear_cache();
                 match commands.recv() {
                     Ok(command) => Some(command),
                     Err(_) => return,
@@ -380,6 +409,9 @@ impl Worker {
                 }
                 stats.prefix = self.prefix.stats();
                 stats.active_memory = mlx_rs::memory::active_memory().unwrap_or(0) as u64;
+                stats.peak_memory = mlx_rs::memory::peak_memory().unwrap_or(0) as u64;
+                stats.cache_memory = mlx_rs::memory::cache_memory().unwrap_or(0) as u64;
+                stats.memory_limit = if self.backend == Backend::Cpu { 0 } else { mlx_rs::memory::memory_limit().unwrap_or(0) as u64 };
                 let _ = reply.send(stats);
             }
             Command::Task(job) => {
@@ -393,11 +425,17 @@ impl Worker {
 
     fn load(&mut self, id: ModelId, path: &Path) -> Result<ModelInfo> {
         let started = Instant::now();
-        let policy = device::WeightPolicy::for_backend(self.backend, self.config.cpu_dtype);
+        let policy = device::DevicePolicy::new(self.backend, self.config.cpu_dtype);
         let loaded = loader::load(path, policy)?;
         // Realize every conversion now, so the first request does not pay for it and the
         // source arrays (e.g. the quantized originals) are freed.
         mlx_rs::transforms::eval(loaded.arrays())?;
+        if let (LoadedModel::Chat { model, .. }, true) = (&loaded, self.backend != Backend::Cpu) {
+            // GPU kernels are compiled on first use: pay for it at load, not in a request.
+            let warm = Instant::now();
+            warm_up(model)?;
+            tracing::info!(model = id, seconds = warm.elapsed().as_secs_f32(), "kernels warmed up");
+        }
         let _ = mlx_rs::memory::clear_cache();
         let info = ModelInfo {
             kind: loaded.kind(),
@@ -409,7 +447,7 @@ impl Worker {
             load_duration: started.elapsed(),
         };
         tracing::info!(model = id, path = %path.display(), bytes = info.weight_bytes, backend = self.backend.name(), seconds = info.load_duration.as_secs_f32(), "model loaded");
-        self.models.insert(id, WorkerModel { loaded, waiting: VecDeque::new(), running: Vec::new(), batch: nn::BatchCache::default(), grammars: None });
+        self.models.insert(id, WorkerModel { loaded, waiting: VecDeque::new(), running: Vec::new(), batch: nn::BatchCache::default(), in_flight: None, grammars: None });
         Ok(info)
     }
 
@@ -463,31 +501,38 @@ impl Worker {
         let max_batch = self.config.max_batch.max(1);
         let Some(model) = self.models.get_mut(&id) else { return };
         let LoadedModel::Chat { model: llama, .. } = &model.loaded else { return };
-        let batched = llama.batches_decode();
         model.waiting.retain(|s| !s.cancelled());
-        for row in (0..model.running.len()).rev() {
-            if model.running[row].cancelled() {
-                if batched {
-                    let _ = model.batch.remove(row);
-                }
-                model.running.remove(row);
+        let rows = model.running.len();
+        let cancelled: Vec<usize> = (0..rows).filter(|&row| model.running[row].cancelled()).collect();
+        for &row in cancelled.iter().rev() {
+            let _ = model.batch.remove(row);
+            model.running.remove(row);
+        }
+        if !cancelled.is_empty() {
+            if let Some(tokens) = model.in_flight.take() {
+                let keep: Vec<i32> = (0..rows).filter(|row| !cancelled.contains(row)).map(|row| row as i32).collect();
+                model.in_flight = if keep.is_empty() { None } else { tokens.take_axis(&Array::from_slice(&keep, &[keep.len() as i32]), 0).ok() };
             }
         }
 
         let mut finished = Vec::new();
-        if model.running.len() < max_batch {
+        if model.running.len() < max_batch && admits(self.backend, llama, model.waiting.front(), model.running.is_empty()) {
             if let Some(mut sequence) = model.waiting.pop_front() {
                 match prefill_step(llama, &mut sequence, prefill_chunk) {
                     Ok(Some(mut logits)) => match sequence.accept_logits(&mut logits) {
-                        Progress::Running if batched => match model.batch.push(&sequence.cache) {
+                        Progress::Running => match model.batch.push(&sequence.cache) {
                             Ok(()) => {
                                 // The batch holds the cache now.
                                 sequence.cache = Vec::new();
+                                if let Some(tokens) = model.in_flight.take() {
+                                    // Its first token joins the queued ones.
+                                    let first = Array::from_slice(&[sequence.next_input.unwrap_or(0) as i32], &[1]);
+                                    model.in_flight = ops::concatenate(&[tokens, first], 0).ok();
+                                }
                                 model.running.push(sequence);
                             }
                             Err(error) => sequence.fail(error),
                         },
-                        Progress::Running => model.running.push(sequence),
                         Progress::Finished => finished.push(sequence),
                     },
                     Ok(None) => model.waiting.push_front(sequence),
@@ -497,21 +542,14 @@ impl Worker {
         }
 
         if !model.running.is_empty() {
-            let outcome = if batched {
-                decode_batched_step(llama, &mut model.batch, &mut model.running, &mut finished)
+            // Every backend pipelines greedy rows (on the CPU it gains little, but the path is
+            // then the one the reference tests check).
+            let pipelined = model.running.iter().all(Sequence::greedy_on_device);
+            let outcome = if pipelined {
+                decode_pipelined_step(llama, &mut model.batch, &mut model.running, &mut model.in_flight, &mut finished)
             } else {
-                let batch: Vec<Sequence> = std::mem::take(&mut model.running);
-                match decode_step(llama, batch) {
-                    Ok((still_running, done)) => {
-                        model.running = still_running;
-                        finished.extend(done);
-                        Ok(())
-                    }
-                    Err((error, failed)) => {
-                        model.running = failed;
-                        Err(error)
-                    }
-                }
+                drain_in_flight(&mut model.batch, &mut model.running, &mut model.in_flight, &mut finished)
+                    .and_then(|()| if model.running.is_empty() { Ok(()) } else { decode_batched_step(llama, &mut model.batch, &mut model.running, &mut finished) })
             };
             if let Err(error) = outcome {
                 tracing::error!(%error, "decode step failed");
@@ -519,6 +557,7 @@ impl Worker {
                     sequence.fail(error.clone());
                 }
                 model.batch = nn::BatchCache::default();
+                model.in_flight = None;
             }
         }
         for sequence in finished {
@@ -565,6 +604,48 @@ impl Worker {
     }
 }
 
+/// Runs a short prompt and two batched decode steps through `model` and discards them, so
+/// the kernels of both paths exist before the first request.
+fn warm_up(model: &DecoderModel) -> Result<()> {
+    let mut cache = model.new_cache();
+    let prompt = Array::from_slice(&[0i32; 8], &[1, 8]);
+    let logits = model.forward(&prompt, &mut SequenceSlot { cache: &mut cache })?;
+    mlx_rs::transforms::eval(std::iter::once(&logits).chain(cache.iter().flat_map(|c| c.arrays())))?;
+    logits_rows(&logits)?;
+    let mut batch = nn::BatchCache::default();
+    batch.push(&cache)?;
+    batch.push(&cache)?;
+    for _ in 0..2 {
+        let logits = model.decode_batched(&Array::from_slice(&[0i32, 0], &[2, 1]), &mut batch)?;
+        mlx_rs::transforms::eval(std::iter::once(&logits).chain(batch.arrays()))?;
+        logits_rows(&logits)?;
+    }
+    Ok(())
+}
+
+fn dtype_bytes(dtype: Dtype) -> u64 {
+    match dtype {
+        Dtype::Float16 | Dtype::Bfloat16 => 2,
+        _ => 4,
+    }
+}
+
+/// Whether a waiting sequence may start now: on a GPU its key/value cache (prompt plus
+/// answer) must fit under MLX's memory limit beside what is held, unless nothing else runs
+/// (then it starts anyway, and a real shortage is MLX's error to report).
+fn admits(backend: Backend, model: &DecoderModel, next: Option<&Sequence>, alone: bool) -> bool {
+    let Some(next) = next else { return false };
+    if backend == Backend::Cpu || alone || next.prefilled > 0 {
+        return true;
+    }
+    let config = &model.config;
+    let bytes_per_token = 2 * config.num_layers as u64 * config.num_kv_heads as u64 * config.head_dim as u64 * dtype_bytes(model.dtype);
+    let tokens = (next.prompt.len() + next.max_new_tokens()) as u64;
+    let held = mlx_rs::memory::active_memory().unwrap_or(0) as u64;
+    let limit = mlx_rs::memory::memory_limit().unwrap_or(usize::MAX) as u64;
+    held.saturating_add(tokens * bytes_per_token) <= limit
+}
+
 /// Host copy of `[B, vocab]` logits as f32 rows.
 fn logits_rows(logits: &Array) -> Result<Vec<Vec<f32>>> {
     let logits = logits.as_dtype(Dtype::Float32)?;
@@ -576,14 +657,11 @@ fn logits_rows(logits: &Array) -> Result<Vec<Vec<f32>>> {
 
 /// Feeds the next chunk of a sequence's prompt. Returns the last position's logits once the
 /// whole prompt is in the cache.
-fn prefill_step(model: &llama::LlamaModel, sequence: &mut Sequence, chunk: usize) -> Result<Option<Vec<f32>>> {
+fn prefill_step(model: &DecoderModel, sequence: &mut Sequence, chunk: usize) -> Result<Option<Vec<f32>>> {
     let end = (sequence.prefilled + chunk).min(sequence.prompt.len());
     let tokens: Vec<i32> = sequence.prompt[sequence.prefilled..end].iter().map(|&t| t as i32).collect();
     let input = Array::from_slice(&tokens, &[1, tokens.len() as i32]);
-    let logits = {
-        let mut slots = [SequenceSlot { cache: &mut sequence.cache }];
-        model.forward(&input, &mut slots)?
-    };
+    let logits = model.forward(&input, &mut SequenceSlot { cache: &mut sequence.cache })?;
     mlx_rs::transforms::eval(std::iter::once(&logits).chain(sequence.cache.iter().flat_map(|c| c.arrays())))?;
     sequence.prefilled = end;
     if sequence.prompt_done() {
@@ -593,9 +671,75 @@ fn prefill_step(model: &llama::LlamaModel, sequence: &mut Sequence, chunk: usize
     }
 }
 
+/// Finished rows leave the batch with their caches, cut to the tokens the sequence holds (a
+/// pipelined step may have written one more).
+fn retire(batch: &mut nn::BatchCache, running: &mut Vec<Sequence>, done: Vec<usize>, finished: &mut Vec<Sequence>) -> Result<()> {
+    for index in done.into_iter().rev() {
+        let mut caches = batch.remove(index)?;
+        let mut sequence = running.remove(index);
+        let held = (sequence.prompt.len() + sequence.generated.len()) as i32;
+        caches.iter_mut().for_each(|cache| cache.truncate(held));
+        sequence.cache = caches;
+        finished.push(sequence);
+    }
+    Ok(())
+}
+
+/// Reads the queued tokens, if any, and hands them to their sequences.
+fn drain_in_flight(batch: &mut nn::BatchCache, running: &mut Vec<Sequence>, in_flight: &mut Option<Array>, finished: &mut Vec<Sequence>) -> Result<()> {
+    let Some(tokens) = in_flight.take() else { return Ok(()) };
+    tokens.eval()?;
+    let tokens: Vec<i32> = tokens.try_as_slice::<i32>().map_err(|e| EngineError::Mlx(e.to_string()))?.to_vec();
+    let mut done = Vec::new();
+    for (index, (sequence, token)) in running.iter_mut().zip(tokens).enumerate() {
+        if let Progress::Finished = sequence.accept_token(token as u32, None) {
+            done.push(index);
+        }
+    }
+    retire(batch, running, done, finished)
+}
+
+/// One decode step for greedy rows on a GPU, pipelined as mlx-lm does: the step is queued on
+/// the device with the previous step's tokens as lazy inputs and picks its tokens there
+/// (argmax), and only then does the host read the previous step's tokens and do its
+/// bookkeeping (detokenizing, stop strings, events) while the device computes. A row that
+/// finishes leaves the batch; the queued token computed for it is dropped.
+fn decode_pipelined_step(model: &DecoderModel, batch: &mut nn::BatchCache, running: &mut Vec<Sequence>, in_flight: &mut Option<Array>, finished: &mut Vec<Sequence>) -> Result<()> {
+    let rows = running.len() as i32;
+    let previous = in_flight.take();
+    let inputs = match &previous {
+        Some(tokens) => tokens.reshape(&[rows, 1])?,
+        None => Array::from_slice(&running.iter().map(|s| s.next_input.unwrap_or(0) as i32).collect::<Vec<_>>(), &[rows, 1]),
+    };
+    let logits = model.decode_batched(&inputs, batch)?;
+    let next = ops::indexing::argmax_axis(&logits, -1, false)?.as_dtype(Dtype::Int32)?;
+    mlx_rs::transforms::async_eval(std::iter::once(&next).chain(batch.arrays()))?;
+    let Some(previous) = previous else {
+        *in_flight = Some(next);
+        return Ok(());
+    };
+    previous.eval()?;
+    let tokens: Vec<i32> = previous.try_as_slice::<i32>().map_err(|e| EngineError::Mlx(e.to_string()))?.to_vec();
+    let mut done = Vec::new();
+    for (index, (sequence, token)) in running.iter_mut().zip(tokens).enumerate() {
+        if let Progress::Finished = sequence.accept_token(token as u32, None) {
+            done.push(index);
+        }
+    }
+    let next = if done.is_empty() {
+        next
+    } else {
+        let keep: Vec<i32> = (0..rows).filter(|row| !done.contains(&(*row as usize))).collect();
+        next.take_axis(&Array::from_slice(&keep, &[keep.len() as i32]), 0)?
+    };
+    retire(batch, running, done, finished)?;
+    *in_flight = if running.is_empty() { None } else { Some(next) };
+    Ok(())
+}
+
 /// One token for every running sequence with one attention call per layer over the batch
 /// cache; finished sequences leave the batch with their caches.
-fn decode_batched_step(model: &llama::LlamaModel, batch: &mut nn::BatchCache, running: &mut Vec<Sequence>, finished: &mut Vec<Sequence>) -> Result<()> {
+fn decode_batched_step(model: &DecoderModel, batch: &mut nn::BatchCache, running: &mut Vec<Sequence>, finished: &mut Vec<Sequence>) -> Result<()> {
     let tokens: Vec<i32> = running.iter().map(|s| s.next_input.unwrap_or(0) as i32).collect();
     let input = Array::from_slice(&tokens, &[running.len() as i32, 1]);
     let logits = model.decode_batched(&input, batch)?;
@@ -614,32 +758,4 @@ fn decode_batched_step(model: &llama::LlamaModel, batch: &mut nn::BatchCache, ru
         finished.push(sequence);
     }
     Ok(())
-}
-
-/// One token for each running sequence, in one forward pass.
-#[allow(clippy::type_complexity)]
-fn decode_step(model: &llama::LlamaModel, mut batch: Vec<Sequence>) -> std::result::Result<(Vec<Sequence>, Vec<Sequence>), (EngineError, Vec<Sequence>)> {
-    let tokens: Vec<i32> = batch.iter().map(|s| s.next_input.unwrap_or(0) as i32).collect();
-    let input = Array::from_slice(&tokens, &[batch.len() as i32, 1]);
-    let outcome = (|| -> Result<Vec<Vec<f32>>> {
-        let logits = {
-            let mut slots: Vec<SequenceSlot<'_>> = batch.iter_mut().map(|s| SequenceSlot { cache: &mut s.cache }).collect();
-            model.forward(&input, &mut slots)?
-        };
-        mlx_rs::transforms::eval(std::iter::once(&logits).chain(batch.iter().flat_map(|s| s.cache.iter().flat_map(|c| c.arrays()))))?;
-        logits_rows(&logits)
-    })();
-    let rows = match outcome {
-        Ok(rows) => rows,
-        Err(error) => return Err((error, batch)),
-    };
-    let mut still_running = Vec::with_capacity(batch.len());
-    let mut finished = Vec::new();
-    for (mut sequence, mut row) in batch.into_iter().zip(rows) {
-        match sequence.accept_logits(&mut row) {
-            Progress::Running => still_running.push(sequence),
-            Progress::Finished => finished.push(sequence),
-        }
-    }
-    Ok((still_running, finished))
 }

@@ -49,7 +49,7 @@ impl SamplingParams {
         SamplingParams { temperature: 0.0, repeat_penalty: 1.0, ..Default::default() }
     }
 
-    fn has_penalties(&self) -> bool {
+    pub fn has_penalties(&self) -> bool {
         self.repeat_last_n > 0
             && (self.repeat_penalty != 1.0 || self.presence_penalty != 0.0 || self.frequency_penalty != 0.0)
     }

@@ -109,6 +109,25 @@ pub struct BaseModel {
 }
 
 impl BaseModel {
+    fn config_json(&self) -> Option<serde_json::Value> {
+        let text = fs::read_to_string(self.folder.join("config.json")).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// The model's family (its Hugging Face `model_type`, e.g. "qwen3").
+    pub fn family(&self) -> Option<String> {
+        let json = self.config_json()?;
+        let family = json["model_type"].as_str().or_else(|| json["text_config"]["model_type"].as_str())?;
+        Some(family.to_string())
+    }
+
+    /// Parameters of the model, from its config.json (None for embedding models and
+    /// folders whose family is unknown).
+    pub fn parameter_count(&self) -> Option<u64> {
+        let json = self.config_json()?;
+        crate::engine::decoder::DecoderConfig::from_hf(&json).ok().map(|c| c.parameter_count())
+    }
+
     /// The model's context length, from its config.json.
     pub fn context_length(&self) -> Option<usize> {
         let text = fs::read_to_string(self.folder.join("config.json")).ok()?;

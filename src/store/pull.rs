@@ -354,16 +354,18 @@ fn place(from: &Path, to: &Path) -> Result<(), PullError> {
     Ok(())
 }
 
-const SUPPORTED_TYPES: &[&str] = &["llama", "mistral", "qwen2", "bert"];
-
 fn check_architecture(folder: &Path, repo: &str) -> Result<(), PullError> {
     let text = std::fs::read_to_string(folder.join("config.json")).unwrap_or_default();
     let json: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-    let model_type = json["model_type"].as_str().unwrap_or_default();
-    if SUPPORTED_TYPES.contains(&model_type) {
-        Ok(())
-    } else {
-        Err(PullError::Unsupported { repo: repo.into(), reason: format!("architecture '{model_type}' is not supported (supported: {})", SUPPORTED_TYPES.join(", ")) })
+    if folder_kind(folder) == ModelKind::Embedding {
+        return Ok(());
+    }
+    match crate::engine::decoder::DecoderConfig::from_hf(&json) {
+        Ok(_) => Ok(()),
+        Err(crate::engine::EngineError::UnsupportedArchitecture(reason)) => {
+            Err(PullError::Unsupported { repo: repo.into(), reason: format!("architecture {reason}, bert") })
+        }
+        Err(error) => Err(PullError::Unsupported { repo: repo.into(), reason: error.to_string() }),
     }
 }
 

@@ -44,7 +44,7 @@ pub fn loaded() -> &'static Loaded {
     static LOADED: OnceLock<Loaded> = OnceLock::new();
     LOADED.get_or_init(|| {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let engine = Engine::start(EngineConfig { cpu_dtype: Default::default(), prefill_chunk: 512, max_batch: 16, prefix_cache_bytes: 0 });
+        let engine = Engine::start(EngineConfig { cpu_dtype: Default::default(), prefill_chunk: 512, max_batch: 16, prefix_cache_bytes: 0, ..Default::default() });
         let dir = models_dir();
         let smol = runtime.block_on(engine.load(SMOL, &dir.join("SmolLM2-135M-Instruct.Q4_1.gguf"))).expect("load SmolLM2");
         let minilm = runtime.block_on(engine.load(MINILM, &dir.join("all-MiniLM-L6-v2"))).expect("load all-MiniLM");
@@ -275,7 +275,7 @@ fn chunked_prefill_matches_one_pass() {
     let long = reference["prompts"].as_array().unwrap().iter().find(|p| p["name"] == "long_summary").unwrap();
     let prompt = ids(&long["prompt_ids"]);
     let (one_pass, _, _) = greedy(&loaded.engine, &loaded.runtime, SMOL, prompt.clone(), 8);
-    let chunked_engine = Engine::start(EngineConfig { cpu_dtype: Default::default(), prefill_chunk: 64, max_batch: 4, prefix_cache_bytes: 0 });
+    let chunked_engine = Engine::start(EngineConfig { cpu_dtype: Default::default(), prefill_chunk: 64, max_batch: 4, prefix_cache_bytes: 0, ..Default::default() });
     loaded.runtime.block_on(chunked_engine.load(9, &models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf"))).unwrap();
     let (chunked, _, _) = greedy(&chunked_engine, &loaded.runtime, 9, prompt, 8);
     chunked_engine.shutdown();
@@ -338,7 +338,7 @@ fn context_overflow_is_a_clear_error() {
 fn prefix_cache_hits_give_the_same_tokens_as_a_cold_run() {
     let _guard = mlx_lock();
     let loaded = loaded();
-    let cached_engine = Engine::start(EngineConfig { cpu_dtype: Default::default(), prefill_chunk: 512, max_batch: 4, prefix_cache_bytes: 1 << 30 });
+    let cached_engine = Engine::start(EngineConfig { cpu_dtype: Default::default(), prefill_chunk: 512, max_batch: 4, prefix_cache_bytes: 1 << 30, ..Default::default() });
     loaded.runtime.block_on(cached_engine.load(7, &models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf"))).unwrap();
     let frontend = chat_frontend(&loaded.smol);
     let render = |turns: &[(&str, &str)]| {

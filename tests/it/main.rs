@@ -4,6 +4,7 @@
 mod common;
 mod config_cli;
 mod engine_reference;
+mod families;
 mod hub;
 mod i18n_catalogs;
 mod models;

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Runs on the NVIDIA machine, in a copy of the repository (see bench/gpu/README.md).
+#   remote.sh receive      keep the carried .gpu/part-* under /tmp/mlxs (survives between calls)
+#   remote.sh setup        unpack the bundle: MLX's CUDA build into the Python site folder,
+#                          mlx/mlx-lm wheels, our binaries; start building llama.cpp (background)
+#   remote.sh models       write the random 8B-shaped model, 4-bit copies for mlx-lm and us,
+#                          and a Q4_0 GGUF of the same weights once llama.cpp is built
+#   remote.sh peers        mlx-lm and llama.cpp benchmarks
+#   remote.sh ours         mlxserver: engine bench (batch 1, 16), served first-request latency,
+#                          GGUF pull and serve
+# Results are JSON lines in $OUT/results.jsonl, logs in $OUT.
+set -uo pipefail
+stage="${1:?stage}"
+W=/tmp/mlxs
+SP=/opt/torch/.venv/lib/python3.12/site-packages
+OUT="${OUT:-$W/out}"
+mkdir -p "$W" "$OUT"
+export MLX_PTX_CACHE_DIR="$W/kernels" PYTHONPATH="$W/site" PYTHONUNBUFFERED=1
+export LD_LIBRARY_PATH="$SP/mlx/lib:${LD_LIBRARY_PATH:-}"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 NCCL_NVLS_ENABLE=0
+result() { echo "$1" | tee -a "$OUT/results.jsonl"; }
+gpu_mem() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1; }
+
+case "$stage" in
+receive)
+  cp .gpu/part-* "$W/" && ls -la "$W" | grep part- ;;
+setup)
+  cd "$W" && cat part-* | python3 -c "import sys,tarfile; tarfile.open(fileobj=sys.stdin.buffer, mode='r|xz').extractall('$W/b')" || exit 1
+  cp -r "$W"/b/mlx-cuda/mlx "$SP/" && cp -r "$W"/b/mlx-cuda/mlx_cuda_13* "$SP/" 2>/dev/null
+  python3 -m pip install -q --no-index --no-deps --no-compile --target "$W/site" "$W"/b/wheels/*.whl 2>&1 | tail -2
+  # mlx's Python package must use the CUDA libmlx, not a copy of its own.
+  rm -rf "$W/site/mlx/lib" && ln -s "$SP/mlx/lib" "$W/site/mlx/lib"
+  cp -r "$SP/mlx/include" "$W/site/mlx/" 2>/dev/null
+  chmod +x "$W"/b/bin/*
+  python3 -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_device(), mx.cuda.is_available())"
+  mkdir -p "$W/llama" && tar xJf "$W/b/llama.cpp.tar.xz" -C "$W/llama"
+  (cd "$W/llama/llama.cpp" && setsid nohup bash -c "cmake -S . -B build -G Ninja -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_NATIVE=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >$W/llama-build.log 2>&1 && cmake --build build -j 14 --target llama-bench llama-quantize llama-batched-bench >>$W/llama-build.log 2>&1; echo done >>$W/llama-build.log" >/dev/null 2>&1 &)
+  echo "setup done" ;;
+models)
+  python3 "$(dirname "$0")/make_random_model.py" "$W/m/big-hf" "$W/b/tokenizer" --shape 8b || exit 1
+  # mlx-lm's 4-bit copy (group 64, its default), the peer's own conversion of the same weights.
+  python3 -m mlx_lm convert --hf-path "$W/m/big-hf" --mlx-path "$W/m/big-mlxlm-4bit" -q --q-bits 4 --q-group-size 64 >"$OUT/mlxlm-convert.log" 2>&1 || tail -5 "$OUT/mlxlm-convert.log"
+  du -sh "$W"/m/* ;;
+peers)
+  for b in 1 16; do
+    python3 -m mlx_lm benchmark --model "$W/m/big-mlxlm-4bit" -p 512 -g 128 -b "$b" -n 3 >"$OUT/mlxlm-b$b.log" 2>&1
+    tail -4 "$OUT/mlxlm-b$b.log"
+  done
+  python3 "$(dirname "$0")/../mlx_lm_bench.py" "$W/m/big-mlxlm-4bit" --prompt-tokens 512 --decode-tokens 128 --runs 3 --label "mlx-lm 0.32.2 (4-bit g64)" | tee -a "$OUT/results.jsonl"
+  echo "mlx-lm peak GPU memory (MiB, after): $(gpu_mem)" ;;
+llama)
+  tail -3 "$W/llama-build.log"
+  L="$W/llama/llama.cpp"
+  [ -x "$L/build/bin/llama-bench" ] || { echo "llama.cpp not built yet"; exit 0; }
+  if [ ! -f "$W/m/big-q4_0.gguf" ]; then
+    PYTHONPATH="$L/gguf-py:$W/site" python3 "$L/convert_hf_to_gguf.py" "$W/m/big-hf" --outtype f16 --outfile "$W/m/big-f16.gguf" >"$OUT/gguf-convert.log" 2>&1 || tail -5 "$OUT/gguf-convert.log"
+    "$L/build/bin/llama-quantize" "$W/m/big-f16.gguf" "$W/m/big-q4_0.gguf" Q4_0 >"$OUT/gguf-quantize.log" 2>&1 || tail -5 "$OUT/gguf-quantize.log"
+    rm -f "$W/m/big-f16.gguf"
+  fi
+  "$L/build/bin/llama-bench" -m "$W/m/big-q4_0.gguf" -p 512 -n 128 -ngl 99 -fa 1 -o json >"$OUT/llama-bench.json" 2>"$OUT/llama-bench.log"; python3 -c "import json;[print(r['n_prompt'],r['n_gen'],round(r['avg_ts'],1)) for r in json.load(open('$OUT/llama-bench.json'))]"
+  "$L/build/bin/llama-batched-bench" -m "$W/m/big-q4_0.gguf" -c 16384 -b 2048 -ub 512 -npp 512 -ntg 128 -npl 1,16 -ngl 99 -fa 1 >"$OUT/llama-batched.log" 2>&1; grep -E "^\|" "$OUT/llama-batched.log" | tail -3 ;;
+ours)
+  B="$W/b/bin"; export MLXSERVER_HOME="$W/home"; mkdir -p "$MLXSERVER_HOME"
+  "$B/mlxserver" --version
+  [ -d "$MLXSERVER_HOME/models" ] && "$B/mlxserver" rm big big-4bit >/dev/null 2>&1
+  start=$(date +%s.%N); "$B/mlxserver" pull "$W/m/big-hf" --name big --quantize 4 2>&1 | tail -2; echo "pull+quantize: $(echo "$(date +%s.%N) - $start" | bc) s"
+  model="$MLXSERVER_HOME/models/big"; [ -d "$model" ] || model=$(ls -d "$MLXSERVER_HOME"/models/*big* | head -1)
+  for b in 1 16; do
+    "$B/engine_bench" "$model" --prompt-tokens 512 --decode-tokens 128 --runs 3 --batch "$b" 2>"$OUT/ours-b$b.log" | tee -a "$OUT/results.jsonl"
+    echo "GPU memory after batch $b: $(gpu_mem) MiB"
+  done ;;
+serve)
+  B="$W/b/bin"; export MLXSERVER_HOME="$W/home"
+  port=27123
+  for cache in cold warm; do
+    [ "$cache" = cold ] && rm -rf "$W/kernels-serve" ; export MLX_PTX_CACHE_DIR="$W/kernels-serve"
+    "$B/mlxserver" serve --port $port >"$OUT/serve-$cache.log" 2>&1 &
+    pid=$!
+    for i in $(seq 1 600); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 0.2; done
+    ready=$(date +%s.%N)
+    curl -s "http://127.0.0.1:$port/api/generate" -d '{"model":"big","prompt":"Hello","stream":false,"options":{"num_predict":8,"temperature":0}}' -o "$OUT/first-$cache.json"
+    result "{\"engine\": \"mlxserver serve\", \"kernel_cache\": \"$cache\", \"first_request_s\": $(echo "$(date +%s.%N) - $ready" | bc)}"
+    kill $pid; wait $pid 2>/dev/null
+  done
+  if [ -f "$W/m/big-q4_0.gguf" ]; then
+    "$B/mlxserver" pull "$W/m/big-q4_0.gguf" --name big-gguf 2>&1 | tail -1
+    "$B/mlxserver" run big-gguf "Say hello" --verbose 2>&1 | tail -4
+  fi ;;
+*) echo "unknown stage $stage"; exit 2 ;;
+esac

@@ -1,0 +1,309 @@
+//! Every supported model family against mlx-lm, the independent reference.
+//!
+//! `scripts/reference/make_family_references.py` built a tiny random-weight model of each
+//! family with mlx-lm's own model classes and recorded its greedy tokens and logits in
+//! `tests/fixtures/reference/families/`. The weights themselves are not stored: each fixture
+//! holds a recipe (a seeded generator per tensor) that this test replays bit for bit into a
+//! Hugging Face folder, which the engine then loads like any pulled model.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use mlx_rs::Dtype;
+use mlxserver::config::{CpuDtype, EngineConfig};
+use mlxserver::engine::decoder::SequenceSlot;
+use mlxserver::engine::device::{Backend, DevicePolicy};
+use mlxserver::engine::loader::{self, LoadedModel};
+use mlxserver::engine::nn::BatchCache;
+use mlxserver::engine::Engine;
+use serde_json::{json, Value};
+
+use crate::engine_reference::{greedy, mlx_lock};
+
+fn fixtures() -> Vec<(String, Value)> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/reference/families");
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())).map(|e| e.unwrap().path()).collect();
+    entries.sort();
+    entries
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .map(|p| {
+            let text = std::fs::read_to_string(&p).unwrap();
+            (p.file_stem().unwrap().to_string_lossy().into_owned(), serde_json::from_str(&text).unwrap())
+        })
+        .collect()
+}
+
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The recipe's values: `offset + scale * (2u - 1)` in f64, rounded to f32, with
+/// `u = (splitmix64(seed + i) >> 40) / 2^24`.
+fn recipe_values(tensor: &Value) -> (Vec<usize>, Vec<f32>) {
+    let shape: Vec<usize> = tensor["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
+    let count: usize = shape.iter().product();
+    let seed = tensor["seed"].as_u64().unwrap();
+    let offset = tensor["offset"].as_f64().unwrap();
+    let scale = tensor["scale"].as_f64().unwrap();
+    let values = (0..count as u64)
+        .map(|i| {
+            let u = (splitmix64(seed.wrapping_add(i)) >> 40) as f64 / (1u64 << 24) as f64;
+            (offset + scale * (2.0 * u - 1.0)) as f32
+        })
+        .collect();
+    (shape, values)
+}
+
+/// A word-level tokenizer over the model's vocabulary (`w0`, `w1`, ...), so prompts and
+/// answers are text like any model's.
+fn tokenizer_json(vocab_size: usize) -> Value {
+    let vocab: serde_json::Map<String, Value> = (0..vocab_size).map(|i| (format!("w{i}"), json!(i))).collect();
+    json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+        "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"}
+    })
+}
+
+/// Writes the fixture's model as a Hugging Face folder under `dir`.
+pub fn write_family_folder(fixture: &Value, dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut buffers: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for tensor in fixture["tensors"].as_array().unwrap() {
+        let (shape, values) = recipe_values(tensor);
+        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        buffers.push((tensor["name"].as_str().unwrap().to_string(), shape, bytes));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = buffers
+        .iter()
+        .map(|(name, shape, bytes)| (name.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+    let mut config = fixture["config"].clone();
+    config["torch_dtype"] = json!("float32");
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config).unwrap()).unwrap();
+    let vocab = config["vocab_size"].as_u64().unwrap() as usize;
+    std::fs::write(dir.join("tokenizer.json"), tokenizer_json(vocab).to_string()).unwrap();
+    let template = "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}";
+    std::fs::write(dir.join("tokenizer_config.json"), json!({"chat_template": template, "eos_token": "w0"}).to_string()).unwrap();
+}
+
+fn ids(value: &Value) -> Vec<u32> {
+    value.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
+}
+
+fn floats(value: &Value) -> Vec<f32> {
+    value.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect()
+}
+
+fn load(path: &Path, policy: DevicePolicy) -> mlxserver::engine::decoder::DecoderModel {
+    match loader::load(path, policy).unwrap_or_else(|e| panic!("{}: {e}", path.display())) {
+        LoadedModel::Chat { model, .. } => model,
+        LoadedModel::Embedding { .. } => panic!("expected a chat model"),
+    }
+}
+
+/// First-step logits and `steps` greedy tokens through the engine's own paths: prefill of
+/// the prompt, then batched decode steps.
+fn run_model(model: &mlxserver::engine::decoder::DecoderModel, prompt: &[u32], steps: usize) -> (Vec<f32>, Vec<u32>, Dtype) {
+    let mut cache = model.new_cache();
+    let input: Vec<i32> = prompt.iter().map(|&t| t as i32).collect();
+    let logits = model.forward(&mlx_rs::Array::from_slice(&input, &[1, input.len() as i32]), &mut SequenceSlot { cache: &mut cache }).unwrap();
+    let dtype = logits.dtype();
+    let first = logits.as_dtype(Dtype::Float32).unwrap();
+    first.eval().unwrap();
+    let first: Vec<f32> = first.as_slice::<f32>().to_vec();
+    let argmax = |row: &[f32]| row.iter().enumerate().fold((0usize, f32::NEG_INFINITY), |best, (i, v)| if *v > best.1 { (i, *v) } else { best }).0 as u32;
+    let mut tokens = vec![argmax(&first)];
+    let mut batch = BatchCache::default();
+    batch.push(&cache).unwrap();
+    while tokens.len() < steps {
+        let last = *tokens.last().unwrap() as i32;
+        let logits = model.decode_batched(&mlx_rs::Array::from_slice(&[last], &[1, 1]), &mut batch).unwrap().as_dtype(Dtype::Float32).unwrap();
+        logits.eval().unwrap();
+        tokens.push(argmax(logits.as_slice::<f32>()));
+    }
+    (first, tokens, dtype)
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "logit counts differ");
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// Tokens must agree up to the first step whose reference margin is too small to decide.
+fn check_tokens(name: &str, ours: &[u32], expected: &[u32], margins: &[f64], tolerance: f64) {
+    for (step, (a, b)) in ours.iter().zip(expected).enumerate() {
+        if a != b {
+            let margin = margins.get(step).copied().unwrap_or(0.0);
+            assert!(margin < tolerance, "{name}: token {step} is {a}, mlx-lm chose {b} with a margin of {margin} (ours {ours:?}, expected {expected:?})");
+            return;
+        }
+    }
+}
+
+#[test]
+fn every_family_matches_mlx_lm_in_float32() {
+    let _guard = mlx_lock();
+    let fixtures = fixtures();
+    assert!(fixtures.len() >= 10, "expected a fixture per family, found {}", fixtures.len());
+    let root = tempfile::tempdir().unwrap();
+    let policy = DevicePolicy::new(Backend::Cpu, CpuDtype::Float32);
+    let mut report = Vec::new();
+    for (name, fixture) in &fixtures {
+        let dir = root.path().join(name);
+        write_family_folder(fixture, &dir);
+        let model = load(&dir, policy);
+        let expected_ids = ids(&fixture["greedy_ids"]);
+        let (first, tokens, dtype) = run_model(&model, &ids(&fixture["prompt_ids"]), expected_ids.len());
+        assert_eq!(dtype, Dtype::Float32, "{name}");
+        let reference = floats(&fixture["first_logits"]);
+        let diff = max_abs_diff(&first, &reference);
+        let spread = reference.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        report.push(format!("{name}: max |logit diff| {diff:.2e} (logits up to {spread:.1}), tokens {:?}", tokens == expected_ids));
+        assert!(diff <= 2e-4 * spread.max(1.0), "{name}: first-step logits differ by {diff} from mlx-lm's");
+        let margins: Vec<f64> = fixture["margins"].as_array().unwrap().iter().map(|m| m.as_f64().unwrap()).collect();
+        check_tokens(name, &tokens, &expected_ids, &margins, 1e-3);
+    }
+    eprintln!("{}", report.join("\n"));
+}
+
+#[test]
+fn quantized_families_match_mlx_lm_quantized() {
+    let _guard = mlx_lock();
+    let root = tempfile::tempdir().unwrap();
+    let policy = DevicePolicy::new(Backend::Cpu, CpuDtype::Float32);
+    let mut checked = 0;
+    for (name, fixture) in fixtures() {
+        let Some(quantized) = fixture.get("quantized").filter(|q| q.is_object()) else { continue };
+        let source = root.path().join(&name);
+        write_family_folder(&fixture, &source);
+        let out = root.path().join(format!("{name}-q"));
+        std::fs::create_dir_all(&out).unwrap();
+        let bits = quantized["bits"].as_i64().unwrap() as i32;
+        let group = quantized["group_size"].as_i64().unwrap() as i32;
+        mlxserver::engine::convert::quantize_folder(&source, &out, bits, group).unwrap();
+        let model = load(&out, policy);
+        let expected_ids = ids(&quantized["greedy_ids"]);
+        let (first, tokens, _) = run_model(&model, &ids(&fixture["prompt_ids"]), expected_ids.len());
+        let reference = floats(&quantized["first_logits"]);
+        let diff = max_abs_diff(&first, &reference);
+        let spread = reference.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        eprintln!("{name} {bits}-bit: max |logit diff| {diff:.2e}, tokens equal: {}", tokens == expected_ids);
+        assert!(diff <= 5e-4 * spread.max(1.0), "{name}: quantized first-step logits differ by {diff}");
+        assert_eq!(tokens.first(), expected_ids.first(), "{name}: first quantized token");
+        checked += 1;
+    }
+    assert!(checked >= 3, "only {checked} quantized references");
+}
+
+/// The GPU dtype policy forced on the CPU: every family computes in bfloat16 from end to end
+/// (no silent float32 promotion), keys and values included.
+#[test]
+fn gpu_policy_keeps_one_dtype_through_the_forward_pass() {
+    let _guard = mlx_lock();
+    let root = tempfile::tempdir().unwrap();
+    let gpu_like = DevicePolicy::new(Backend::Cuda, CpuDtype::Float32);
+    for (name, fixture) in fixtures() {
+        let dir = root.path().join(&name);
+        write_family_folder(&fixture, &dir);
+        let model = load(&dir, gpu_like);
+        assert_eq!(model.dtype, Dtype::Bfloat16, "{name}");
+        for array in model.arrays() {
+            assert!(matches!(array.dtype(), Dtype::Bfloat16 | Dtype::Uint32), "{name}: a weight is {:?}", array.dtype());
+        }
+        let mut cache = model.new_cache();
+        let logits = model.forward(&mlx_rs::Array::from_slice(&[1i32, 2, 3, 4], &[1, 4]), &mut SequenceSlot { cache: &mut cache }).unwrap();
+        assert_eq!(logits.dtype(), Dtype::Bfloat16, "{name}: prefill logits");
+        for layer in &cache {
+            for array in layer.arrays() {
+                assert_eq!(array.dtype(), Dtype::Bfloat16, "{name}: key/value cache");
+            }
+        }
+        let mut batch = BatchCache::default();
+        batch.push(&cache).unwrap();
+        batch.push(&cache).unwrap();
+        let logits = model.decode_batched(&mlx_rs::Array::from_slice(&[5i32, 6], &[2, 1]), &mut batch).unwrap();
+        assert_eq!(logits.dtype(), Dtype::Bfloat16, "{name}: decode logits");
+        // MLX's CPU backend has gather_mm for float32 only; the dtypes above are the graph's.
+        if model.config.moe.is_none() {
+            logits.eval().unwrap();
+        }
+    }
+}
+
+/// A family model served end to end: greedy tokens through the engine's scheduler (prefill,
+/// batched decode, two sequences at once) equal mlx-lm's.
+#[test]
+fn engine_serves_family_models_batched() {
+    let _guard = mlx_lock();
+    let root = tempfile::tempdir().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let engine = Engine::start(EngineConfig { prefix_cache_bytes: 0, ..Default::default() });
+    let mut loaded: HashMap<String, (u64, Value)> = HashMap::new();
+    for (index, (name, fixture)) in fixtures().into_iter().enumerate() {
+        if !["gemma3_text", "qwen3_moe", "phi3"].contains(&name.as_str()) {
+            continue;
+        }
+        let dir = root.path().join(&name);
+        write_family_folder(&fixture, &dir);
+        let id = 100 + index as u64;
+        runtime.block_on(engine.load(id, &dir)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        loaded.insert(name, (id, fixture));
+    }
+    assert_eq!(loaded.len(), 3, "fixtures for gemma3_text, qwen3_moe and phi3");
+    for (name, (id, fixture)) in &loaded {
+        let expected = ids(&fixture["greedy_ids"]);
+        let margins: Vec<f64> = fixture["margins"].as_array().unwrap().iter().map(|m| m.as_f64().unwrap()).collect();
+        let (tokens, _, _) = greedy(&engine, &runtime, *id, ids(&fixture["prompt_ids"]), expected.len());
+        check_tokens(name, &tokens, &expected, &margins, 1e-3);
+    }
+    engine.shutdown();
+}
+
+#[test]
+fn unknown_family_is_a_clear_error_naming_the_supported_ones() {
+    let root = tempfile::tempdir().unwrap();
+    std::fs::write(root.path().join("config.json"), r#"{"model_type": "falcon_mamba", "hidden_size": 64}"#).unwrap();
+    let error = loader::load(root.path(), DevicePolicy::new(Backend::Cpu, CpuDtype::Float32)).err().expect("an error");
+    let text = error.to_string();
+    assert!(text.contains("falcon_mamba") && text.contains("gemma3_text") && text.contains("phi3"), "{text}");
+}
+
+/// The seed's own first example: `pull mlx-community/Phi-3-mini-4k-instruct-8bit` from a Hub
+/// (the stand-in server of the Hub tests, serving a tiny 8-bit phi3 under that name), then
+/// `run` answers.
+#[test]
+fn pull_phi3_8bit_from_the_hub_then_run_answers() {
+    let _guard = mlx_lock();
+    let root = tempfile::tempdir().unwrap();
+    let fixture = fixtures().into_iter().find(|(name, _)| name == "phi3").expect("phi3 fixture").1;
+    let source = root.path().join("phi3");
+    write_family_folder(&fixture, &source);
+    let quantized = root.path().join("phi3-8bit");
+    std::fs::create_dir_all(&quantized).unwrap();
+    mlxserver::engine::convert::quantize_folder(&source, &quantized, 8, 64).unwrap();
+    let hub = std::sync::Arc::new(crate::hub::Hub::default());
+    hub.repos
+        .lock()
+        .unwrap()
+        .insert("mlx-community/Phi-3-mini-4k-instruct-8bit".into(), std::sync::Arc::new(crate::hub::Repo { files: crate::hub::folder_files(&quantized) }));
+    let endpoint = crate::hub::start_hub(hub);
+    let home = crate::common::Home::new();
+    let output = crate::hub::pull(&home, &endpoint, &["mlx-community/Phi-3-mini-4k-instruct-8bit"]);
+    let said = crate::common::stdout(&output);
+    assert!(output.status.success(), "{}\n{}", said, crate::common::stderr(&output));
+    let name = said.lines().find_map(|l| l.strip_prefix("Added ")).map(|n| n.split_whitespace().next().unwrap_or_default().to_string()).expect("Added NAME");
+    let show = home.run(&["show", &name]);
+    let shown = crate::common::stdout(&show);
+    assert!(shown.contains("family: phi3") && shown.contains("quantization"), "{shown}");
+    let answer = home.run(&["run", &name, "w5 w6 w7"]);
+    let text = crate::common::stdout(&answer);
+    assert!(answer.status.success(), "{text}\n{}", crate::common::stderr(&answer));
+    assert!(text.split_whitespace().any(|w| w.starts_with('w')), "no answer: {text:?}");
+}
