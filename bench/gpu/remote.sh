@@ -15,7 +15,7 @@ W=/tmp/mlxs
 SP=/opt/torch/.venv/lib/python3.12/site-packages
 OUT="${OUT:-$W/out}"
 mkdir -p "$W" "$OUT"
-export MLX_PTX_CACHE_DIR="$W/kernels" PYTHONPATH="$W/site" PYTHONUNBUFFERED=1
+export MLX_PTX_CACHE_DIR="$W/kernels" PYTHONUNBUFFERED=1
 export LD_LIBRARY_PATH="$SP/mlx/lib:${LD_LIBRARY_PATH:-}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 NCCL_NVLS_ENABLE=0
 result() { echo "$1" | tee -a "$OUT/results.jsonl"; }
@@ -26,11 +26,10 @@ receive)
   cp .gpu/part-* "$W/" && ls -la "$W" | grep part- ;;
 setup)
   cd "$W" && cat part-* | python3 -c "import sys,tarfile; tarfile.open(fileobj=sys.stdin.buffer, mode='r|xz').extractall('$W/b')" || exit 1
+  # MLX's CUDA build and its Python packages go where the NVIDIA libraries are: libmlx's
+  # RPATH is $ORIGIN/../../nvidia/..., and the mlx wheel's core module finds mlx/lib beside it.
   cp -r "$W"/b/mlx-cuda/mlx "$SP/" && cp -r "$W"/b/mlx-cuda/mlx_cuda_13* "$SP/" 2>/dev/null
-  python3 -m pip install -q --no-index --no-deps --no-compile --target "$W/site" "$W"/b/wheels/*.whl 2>&1 | tail -2
-  # mlx's Python package must use the CUDA libmlx, not a copy of its own.
-  rm -rf "$W/site/mlx/lib" && ln -s "$SP/mlx/lib" "$W/site/mlx/lib"
-  cp -r "$SP/mlx/include" "$W/site/mlx/" 2>/dev/null
+  for wheel in "$W"/b/wheels/*.whl; do (cd "$SP" && python3 -m zipfile -e "$wheel" .); done
   chmod +x "$W"/b/bin/*
   python3 -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_device(), mx.cuda.is_available())"
   mkdir -p "$W/llama" && tar xJf "$W/b/llama.cpp.tar.xz" -C "$W/llama"
@@ -53,7 +52,7 @@ llama)
   L="$W/llama/llama.cpp"
   [ -x "$L/build/bin/llama-bench" ] || { echo "llama.cpp not built yet"; exit 0; }
   if [ ! -f "$W/m/big-q4_0.gguf" ]; then
-    PYTHONPATH="$L/gguf-py:$W/site" python3 "$L/convert_hf_to_gguf.py" "$W/m/big-hf" --outtype f16 --outfile "$W/m/big-f16.gguf" >"$OUT/gguf-convert.log" 2>&1 || tail -5 "$OUT/gguf-convert.log"
+    PYTHONPATH="$L/gguf-py" python3 "$L/convert_hf_to_gguf.py" "$W/m/big-hf" --outtype f16 --outfile "$W/m/big-f16.gguf" >"$OUT/gguf-convert.log" 2>&1 || tail -5 "$OUT/gguf-convert.log"
     "$L/build/bin/llama-quantize" "$W/m/big-f16.gguf" "$W/m/big-q4_0.gguf" Q4_0 >"$OUT/gguf-quantize.log" 2>&1 || tail -5 "$OUT/gguf-quantize.log"
     rm -f "$W/m/big-f16.gguf"
   fi

@@ -304,10 +304,30 @@ struct WorkerModel {
     running: Vec<Sequence>,
     batch: nn::BatchCache,
     /// Tokens of a decode step queued on the device and not yet read (`[rows]`, int32), one
-    /// per row of `running`: on a GPU, greedy rows pipeline (see `decode_pipelined_step`).
-    in_flight: Option<Array>,
+    /// per row of `running`: greedy rows pipeline (see `decode_pipelined_step`).
+    in_flight: Option<InFlight>,
     /// Built on the first request with an output format (it indexes the whole vocabulary).
     grammars: Option<Arc<constrain::GrammarCompiler>>,
+}
+
+/// Queued tokens of a pipelined decode step.
+struct InFlight {
+    /// `[rows]` int32, on the device.
+    tokens: Array,
+    /// Rows whose token the host already took (a sequence that joined with the first token
+    /// of its prefill): they feed the next step but are not reported again.
+    known: Vec<bool>,
+}
+
+impl InFlight {
+    fn keep(self, rows: &[i32]) -> Result<Option<InFlight>> {
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        let tokens = self.tokens.take_axis(&Array::from_slice(rows, &[rows.len() as i32]), 0)?;
+        let known = rows.iter().map(|&r| self.known[r as usize]).collect();
+        Ok(Some(InFlight { tokens, known }))
+    }
 }
 
 struct Worker {
@@ -509,9 +529,9 @@ impl Worker {
             model.running.remove(row);
         }
         if !cancelled.is_empty() {
-            if let Some(tokens) = model.in_flight.take() {
+            if let Some(queued) = model.in_flight.take() {
                 let keep: Vec<i32> = (0..rows).filter(|row| !cancelled.contains(row)).map(|row| row as i32).collect();
-                model.in_flight = if keep.is_empty() { None } else { tokens.take_axis(&Array::from_slice(&keep, &[keep.len() as i32]), 0).ok() };
+                model.in_flight = queued.keep(&keep).ok().flatten();
             }
         }
 
@@ -524,10 +544,11 @@ impl Worker {
                             Ok(()) => {
                                 // The batch holds the cache now.
                                 sequence.cache = Vec::new();
-                                if let Some(tokens) = model.in_flight.take() {
-                                    // Its first token joins the queued ones.
+                                if let Some(mut queued) = model.in_flight.take() {
+                                    // Its first token (already reported) joins the queued ones.
                                     let first = Array::from_slice(&[sequence.next_input.unwrap_or(0) as i32], &[1]);
-                                    model.in_flight = ops::concatenate(&[tokens, first], 0).ok();
+                                    queued.known.push(true);
+                                    model.in_flight = ops::concatenate(&[queued.tokens, first], 0).ok().map(|tokens| InFlight { tokens, known: queued.known });
                                 }
                                 model.running.push(sequence);
                             }
@@ -685,55 +706,54 @@ fn retire(batch: &mut nn::BatchCache, running: &mut Vec<Sequence>, done: Vec<usi
     Ok(())
 }
 
-/// Reads the queued tokens, if any, and hands them to their sequences.
-fn drain_in_flight(batch: &mut nn::BatchCache, running: &mut Vec<Sequence>, in_flight: &mut Option<Array>, finished: &mut Vec<Sequence>) -> Result<()> {
-    let Some(tokens) = in_flight.take() else { return Ok(()) };
-    tokens.eval()?;
-    let tokens: Vec<i32> = tokens.try_as_slice::<i32>().map_err(|e| EngineError::Mlx(e.to_string()))?.to_vec();
+/// Hands each row's queued token to its sequence (rows the host already knows are skipped);
+/// returns the rows that finished.
+fn take_tokens(queued: &InFlight, running: &mut [Sequence]) -> Result<Vec<usize>> {
+    queued.tokens.eval()?;
+    let tokens = queued.tokens.try_as_slice::<i32>().map_err(|e| EngineError::Mlx(e.to_string()))?;
     let mut done = Vec::new();
-    for (index, (sequence, token)) in running.iter_mut().zip(tokens).enumerate() {
-        if let Progress::Finished = sequence.accept_token(token as u32, None) {
+    for (index, sequence) in running.iter_mut().enumerate() {
+        if queued.known.get(index).copied().unwrap_or(true) {
+            continue;
+        }
+        if let Progress::Finished = sequence.accept_token(tokens[index] as u32, None) {
             done.push(index);
         }
     }
+    Ok(done)
+}
+
+/// Reads the queued tokens, if any, and hands them to their sequences.
+fn drain_in_flight(batch: &mut nn::BatchCache, running: &mut Vec<Sequence>, in_flight: &mut Option<InFlight>, finished: &mut Vec<Sequence>) -> Result<()> {
+    let Some(queued) = in_flight.take() else { return Ok(()) };
+    let done = take_tokens(&queued, running)?;
     retire(batch, running, done, finished)
 }
 
-/// One decode step for greedy rows on a GPU, pipelined as mlx-lm does: the step is queued on
-/// the device with the previous step's tokens as lazy inputs and picks its tokens there
-/// (argmax), and only then does the host read the previous step's tokens and do its
-/// bookkeeping (detokenizing, stop strings, events) while the device computes. A row that
-/// finishes leaves the batch; the queued token computed for it is dropped.
-fn decode_pipelined_step(model: &DecoderModel, batch: &mut nn::BatchCache, running: &mut Vec<Sequence>, in_flight: &mut Option<Array>, finished: &mut Vec<Sequence>) -> Result<()> {
+/// One decode step for greedy rows, pipelined as mlx-lm does: the step is queued on the
+/// device with the previous step's tokens as lazy inputs and picks its tokens there (argmax),
+/// and only then does the host read the previous step's tokens and do its bookkeeping
+/// (detokenizing, stop strings, events) while the device computes. A row that finishes
+/// leaves the batch; the queued token computed for it is dropped.
+fn decode_pipelined_step(model: &DecoderModel, batch: &mut nn::BatchCache, running: &mut Vec<Sequence>, in_flight: &mut Option<InFlight>, finished: &mut Vec<Sequence>) -> Result<()> {
     let rows = running.len() as i32;
     let previous = in_flight.take();
     let inputs = match &previous {
-        Some(tokens) => tokens.reshape(&[rows, 1])?,
+        Some(queued) => queued.tokens.reshape(&[rows, 1])?,
         None => Array::from_slice(&running.iter().map(|s| s.next_input.unwrap_or(0) as i32).collect::<Vec<_>>(), &[rows, 1]),
     };
     let logits = model.decode_batched(&inputs, batch)?;
     let next = ops::indexing::argmax_axis(&logits, -1, false)?.as_dtype(Dtype::Int32)?;
     mlx_rs::transforms::async_eval(std::iter::once(&next).chain(batch.arrays()))?;
+    let next = InFlight { tokens: next, known: vec![false; rows as usize] };
     let Some(previous) = previous else {
         *in_flight = Some(next);
         return Ok(());
     };
-    previous.eval()?;
-    let tokens: Vec<i32> = previous.try_as_slice::<i32>().map_err(|e| EngineError::Mlx(e.to_string()))?.to_vec();
-    let mut done = Vec::new();
-    for (index, (sequence, token)) in running.iter_mut().zip(tokens).enumerate() {
-        if let Progress::Finished = sequence.accept_token(token as u32, None) {
-            done.push(index);
-        }
-    }
-    let next = if done.is_empty() {
-        next
-    } else {
-        let keep: Vec<i32> = (0..rows).filter(|row| !done.contains(&(*row as usize))).collect();
-        next.take_axis(&Array::from_slice(&keep, &[keep.len() as i32]), 0)?
-    };
+    let done = take_tokens(&previous, running)?;
+    let keep: Vec<i32> = (0..rows).filter(|row| !done.contains(&(*row as usize))).collect();
     retire(batch, running, done, finished)?;
-    *in_flight = if running.is_empty() { None } else { Some(next) };
+    *in_flight = next.keep(&keep)?;
     Ok(())
 }
 
