@@ -39,6 +39,24 @@ fn main() {
         eprintln!("wrote {} tensors ({} bytes) to {out}", report.tensors, report.weight_bytes);
         return;
     }
+    // `--quantize BITS`: bench an MLX-quantized copy (group 64, as `pull --quantize` makes),
+    // written once beside the source folder.
+    let model = match args.iter().position(|a| a == "--quantize").and_then(|i| args.get(i + 1)).and_then(|b| b.parse::<i32>().ok()) {
+        Some(bits) => {
+            let out = PathBuf::from(format!("{}-{bits}bit", model.display()));
+            if !out.join("config.json").exists() {
+                let partial = PathBuf::from(format!("{}.partial", out.display()));
+                let _ = std::fs::remove_dir_all(&partial);
+                std::fs::create_dir_all(&partial).expect("create folder");
+                let started = Instant::now();
+                mlxserver::engine::convert::quantize_folder(&model, &partial, bits, 64).expect("quantize");
+                std::fs::rename(&partial, &out).expect("rename");
+                eprintln!("quantized to {} in {:.1} s", out.display(), started.elapsed().as_secs_f64());
+            }
+            out
+        }
+        None => model,
+    };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let engine = Engine::start(EngineConfig { cpu_dtype, prefill_chunk: 512, max_batch: batch.max(1), prefix_cache_bytes: 0, ..Default::default() });
     let started = Instant::now();
@@ -97,6 +115,7 @@ fn main() {
         best_prefill = best_prefill.max(prefill);
         best_decode = best_decode.max(decode);
     }
+    let stats = runtime.block_on(engine.stats());
     engine.shutdown();
     println!(
         "{}",
@@ -111,6 +130,7 @@ fn main() {
             "batch": batch,
             "prompt_tok_per_s": best_prefill,
             "decode_tok_per_s": best_decode,
+            "peak_memory_bytes": stats.peak_memory,
         })
     );
 }

@@ -8,7 +8,11 @@
 #   - SmolLM2's tokenizer files (for random-weight models at real shapes).
 # Everything goes into one xz-compressed tar split into parts of at most 55 MB under .gpu/
 # (ignored by git), to be carried one or two per call.
+#   --engine-only   only what the engine benchmark needs (no mlxserver binary, no llama.cpp);
+#                   a kernel cache saved from an earlier run (KERNELS=file.tgz) goes along.
 set -euo pipefail
+engine_only=0
+[ "${1:-}" = "--engine-only" ] && engine_only=1
 here="$(cd "$(dirname "$0")" && pwd)"
 cd "$here/.."
 . "$here/env.sh"
@@ -23,11 +27,13 @@ python3 -m pip download --quiet --disable-pip-version-check --no-deps --only-bin
 
 cargo build --locked --bins --example engine_bench
 rm -rf "$stage" && mkdir -p "$stage/bin" "$stage/wheels" "$stage/mlx-cuda" "$stage/tokenizer"
-strip -o "$stage/bin/mlxserver" "$MLXSERVER_BIN"
+[ "$engine_only" = 1 ] || strip -o "$stage/bin/mlxserver" "$MLXSERVER_BIN"
+if [ -n "${KERNELS:-}" ]; then tar xzf "$KERNELS" -C "$stage"; fi
 strip -o "$stage/bin/engine_bench" "$CARGO_TARGET_DIR/debug/examples/engine_bench"
 cp "$wheels/mlx-$MLX_VERSION"-*.whl "$wheels"/mlx_lm-0.32.2-*.whl "$stage/wheels/"
 (cd "$stage/mlx-cuda" && unzip -q "$wheels"/mlx_cuda_13-"$MLX_VERSION"-*.whl)
 
+if [ "$engine_only" = 0 ]; then
 # llama.cpp without its docs, test models, web UI and the backends other than CPU and CUDA.
 tmp=$(mktemp -d)
 tar xzf "$wheels/llama_cpp_python-0.3.36.tar.gz" -C "$tmp" llama_cpp_python-0.3.36/vendor/llama.cpp
@@ -37,6 +43,7 @@ rm -rf "$src"/llama.cpp/{docs,tests,benches,media,.git*} "$src"/llama.cpp/models
 for backend in cann et hexagon hip metal musa opencl openvino sycl virtgpu vulkan webgpu zdnn zendnn; do rm -rf "$src/llama.cpp/ggml/src/ggml-$backend"; done
 tar cJf "$stage/llama.cpp.tar.xz" -C "$src" llama.cpp
 rm -rf "$tmp"
+fi
 
 # SmolLM2's tokenizer, as our GGUF conversion writes it.
 home=$(mktemp -d)

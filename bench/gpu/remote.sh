@@ -32,6 +32,8 @@ setup)
   for wheel in "$W"/b/wheels/*.whl; do (cd "$SP" && python3 -m zipfile -e "$wheel" .); done
   chmod +x "$W"/b/bin/*
   python3 -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_device(), mx.cuda.is_available())"
+  [ -d "$W/b/kernels" ] && cp -r "$W/b/kernels" "$W/"
+  [ -f "$W/b/llama.cpp.tar.xz" ] || { echo "setup done (engine only)"; exit 0; }
   mkdir -p "$W/llama" && tar xJf "$W/b/llama.cpp.tar.xz" -C "$W/llama"
   (cd "$W/llama/llama.cpp" && setsid nohup bash -c "cmake -S . -B build -G Ninja -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_NATIVE=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >$W/llama-build.log 2>&1 && cmake --build build -j 14 --target llama-bench llama-quantize llama-batched-bench >>$W/llama-build.log 2>&1; echo done >>$W/llama-build.log" >/dev/null 2>&1 &)
   echo "setup done" ;;
@@ -85,5 +87,21 @@ serve)
     "$B/mlxserver" pull "$W/m/big-q4_0.gguf" --name big-gguf 2>&1 | tail -1
     "$B/mlxserver" run big-gguf "Say hello" --verbose 2>&1 | tail -4
   fi ;;
+engine)
+  # The engine alone, on the random 8B model quantized by engine_bench itself (group 64):
+  # where decode time goes (MLXSERVER_PROFILE), and mlx-lm on the very same 4-bit folder.
+  B="$W/b/bin"; M="$W/m/big-hf"
+  python3 "$(dirname "$0")/make_random_model.py" "$M" "$W/b/tokenizer" --shape 8b >/dev/null || exit 1
+  "$B/engine_bench" "$M" --quantize 4 --prompt-tokens 16 --decode-tokens 4 --runs 1 >/dev/null 2>"$OUT/quantize.log"; tail -1 "$OUT/quantize.log"
+  Q="$M-4bit"
+  for setting in "MLXSERVER_PROFILE=1" "MLXSERVER_PROFILE=1 MLXSERVER_FUSE_PROJECTIONS=0" "MLXSERVER_PROFILE=1 MLXSERVER_PIPELINE=0"; do
+    echo "== $setting"
+    env $setting "$B/engine_bench" "$Q" --prompt-tokens 512 --decode-tokens 128 --runs 3 2>"$OUT/engine.log" | tee -a "$OUT/results.jsonl"; grep "decode profile" "$OUT/engine.log" | tail -1
+  done
+  for setting in "MLXSERVER_PROFILE=1" "MLXSERVER_PROFILE=1 MLXSERVER_FUSE_PROJECTIONS=0"; do
+    echo "== batch 16, $setting"
+    env $setting "$B/engine_bench" "$Q" --prompt-tokens 512 --decode-tokens 128 --runs 2 --batch 16 2>"$OUT/engine16.log" | tee -a "$OUT/results.jsonl"; grep "decode profile" "$OUT/engine16.log" | tail -1
+  done
+  for b in 1 16; do python3 -m mlx_lm benchmark --model "$Q" -p 512 -g 128 -b "$b" -n 3 2>&1 | tail -1; done ;;
 *) echo "unknown stage $stage"; exit 2 ;;
 esac

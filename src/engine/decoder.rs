@@ -734,7 +734,8 @@ impl DecoderModel {
         self.check_context(rows.iter().max().copied().unwrap_or(0) + 1)?;
         let mut x = self.embed(tokens)?;
         let offsets = Array::from_slice(&rows, &[batch]);
-        let positions = Positions::Rows(&offsets);
+        // One row: the plain kernel with a constant offset (no positions array to upload).
+        let positions = if batch == 1 { Positions::Single(rows[0]) } else { Positions::Rows(&offsets) };
         // Rows without left padding (a lone sequence, or all of equal length) need no mask.
         let padding_mask = if cache.lefts.iter().any(|left| *left > 0) { Some(cache.mask(self.dtype, None)?) } else { None };
         let mut window_masks: Vec<(i32, Array)> = Vec::new();

@@ -280,6 +280,18 @@ impl Tensors {
     }
 }
 
+/// Whether q/k/v (and gate/up) projections run as one stacked matmul. On the CPU it saves
+/// BLAS calls; on a GPU the split outputs need copies and a stacked copy of the weights,
+/// and separate matmuls measured faster (8B 4-bit on an H200: 110 vs 106 tok/s at batch 1,
+/// 5.97 vs 6.84 GB peak). `MLXSERVER_FUSE_PROJECTIONS=0|1` overrides, for measurements.
+fn fuse_projections(device: DevicePolicy) -> bool {
+    match std::env::var("MLXSERVER_FUSE_PROJECTIONS").as_deref() {
+        Ok("0") => false,
+        Ok("1") => true,
+        _ => device.backend == super::device::Backend::Cpu,
+    }
+}
+
 /// Builds a decoder of any supported family from Hugging Face-named tensors.
 fn build_decoder(mut tensors: Tensors, config_json: &Value, device: DevicePolicy) -> Result<DecoderModel> {
     let config = DecoderConfig::from_hf(config_json).map_err(|error| match error {
@@ -307,11 +319,12 @@ fn build_decoder(mut tensors: Tensors, config_json: &Value, device: DevicePolicy
             let kv = config.num_kv_heads * config.head_dim;
             Projections::Fused { linear: fused, sizes: vec![q, kv, kv] }
         } else {
-            Projections::new(vec![
+            let parts = vec![
                 linear_with_bias(&mut tensors, &format!("{attn}.q_proj"))?,
                 linear_with_bias(&mut tensors, &format!("{attn}.k_proj"))?,
                 linear_with_bias(&mut tensors, &format!("{attn}.v_proj"))?,
-            ])?
+            ];
+            if fuse_projections(device) { Projections::new(parts)? } else { Projections::Separate(parts) }
         };
         let o_proj = tensors.linear(&format!("{attn}.o_proj"), policy)?;
         let (q_norm, k_norm) = match config.qk_norm {
@@ -358,7 +371,10 @@ fn build_decoder(mut tensors: Tensors, config_json: &Value, device: DevicePolicy
                 FeedForward::Dense { gate_up: Projections::Fused { linear: fused, sizes: vec![half, half] }, down: tensors.linear(&format!("{prefix}.mlp.down_proj"), policy)? }
             }
             _ => FeedForward::Dense {
-                gate_up: Projections::new(vec![tensors.linear(&format!("{prefix}.mlp.gate_proj"), policy)?, tensors.linear(&format!("{prefix}.mlp.up_proj"), policy)?])?,
+                gate_up: {
+                    let parts = vec![tensors.linear(&format!("{prefix}.mlp.gate_proj"), policy)?, tensors.linear(&format!("{prefix}.mlp.up_proj"), policy)?];
+                    if fuse_projections(device) { Projections::new(parts)? } else { Projections::Separate(parts) }
+                },
                 down: tensors.linear(&format!("{prefix}.mlp.down_proj"), policy)?,
             },
         };

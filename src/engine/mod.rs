@@ -310,6 +310,54 @@ struct WorkerModel {
     grammars: Option<Arc<constrain::GrammarCompiler>>,
 }
 
+/// Where decode time goes, per step, when `MLXSERVER_PROFILE` is set: building the step's
+/// graph on the host, handing it to MLX, waiting for the device, and the host's bookkeeping
+/// (detokenizing, stop strings, events). Printed to stderr every 256 steps.
+#[derive(Default)]
+struct DecodeProfile {
+    enabled: bool,
+    steps: u64,
+    rows: u64,
+    build: Duration,
+    launch: Duration,
+    wait: Duration,
+    host: Duration,
+    since: Option<Instant>,
+}
+
+impl DecodeProfile {
+    fn new() -> Self {
+        DecodeProfile { enabled: std::env::var_os("MLXSERVER_PROFILE").is_some(), ..Default::default() }
+    }
+
+    fn step(&mut self, rows: usize, build: Duration, launch: Duration, wait: Duration, host: Duration) {
+        if !self.enabled {
+            return;
+        }
+        let since = *self.since.get_or_insert_with(Instant::now);
+        self.steps += 1;
+        self.rows += rows as u64;
+        self.build += build;
+        self.launch += launch;
+        self.wait += wait;
+        self.host += host;
+        if self.steps == 256 {
+            let per = |d: Duration| d.as_secs_f64() * 1e6 / self.steps as f64;
+            let wall = since.elapsed().as_secs_f64() * 1e6 / self.steps as f64;
+            eprintln!(
+                "decode profile: {} steps, {:.1} rows/step, per step: wall {wall:.0} us, graph build {:.0} us, launch {:.0} us, wait {:.0} us, host {:.0} us",
+                self.steps,
+                self.rows as f64 / self.steps as f64,
+                per(self.build),
+                per(self.launch),
+                per(self.wait),
+                per(self.host)
+            );
+            *self = DecodeProfile { enabled: true, ..Default::default() };
+        }
+    }
+}
+
 /// Queued tokens of a pipelined decode step.
 struct InFlight {
     /// `[rows]` int32, on the device.
@@ -331,6 +379,7 @@ impl InFlight {
 }
 
 struct Worker {
+    profile: DecodeProfile,
     config: EngineConfig,
     backend: Backend,
     models: HashMap<ModelId, WorkerModel>,
@@ -357,7 +406,7 @@ impl Worker {
             "engine started"
         );
         let prefix = prefix::PrefixCache::new(config.prefix_cache_bytes);
-        Worker { config, backend, models: HashMap::new(), prefix }
+        Worker { profile: DecodeProfile::new(), config, backend, models: HashMap::new(), prefix }
     }
 
     fn busy(&self) -> bool {
@@ -565,9 +614,9 @@ impl Worker {
         if !model.running.is_empty() {
             // Every backend pipelines greedy rows (on the CPU it gains little, but the path is
             // then the one the reference tests check).
-            let pipelined = model.running.iter().all(Sequence::greedy_on_device);
+            let pipelined = pipelining() && model.running.iter().all(Sequence::greedy_on_device);
             let outcome = if pipelined {
-                decode_pipelined_step(llama, &mut model.batch, &mut model.running, &mut model.in_flight, &mut finished)
+                decode_pipelined_step(llama, &mut model.batch, &mut model.running, &mut model.in_flight, &mut finished, &mut self.profile)
             } else {
                 drain_in_flight(&mut model.batch, &mut model.running, &mut model.in_flight, &mut finished)
                     .and_then(|()| if model.running.is_empty() { Ok(()) } else { decode_batched_step(llama, &mut model.batch, &mut model.running, &mut finished) })
@@ -735,7 +784,21 @@ fn drain_in_flight(batch: &mut nn::BatchCache, running: &mut Vec<Sequence>, in_f
 /// and only then does the host read the previous step's tokens and do its bookkeeping
 /// (detokenizing, stop strings, events) while the device computes. A row that finishes
 /// leaves the batch; the queued token computed for it is dropped.
-fn decode_pipelined_step(model: &DecoderModel, batch: &mut nn::BatchCache, running: &mut Vec<Sequence>, in_flight: &mut Option<InFlight>, finished: &mut Vec<Sequence>) -> Result<()> {
+/// Pipelining is on unless `MLXSERVER_PIPELINE=0` (for measurements).
+fn pipelining() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("MLXSERVER_PIPELINE").map_or(true, |v| v != "0"))
+}
+
+fn decode_pipelined_step(
+    model: &DecoderModel,
+    batch: &mut nn::BatchCache,
+    running: &mut Vec<Sequence>,
+    in_flight: &mut Option<InFlight>,
+    finished: &mut Vec<Sequence>,
+    profile: &mut DecodeProfile,
+) -> Result<()> {
+    let started = Instant::now();
     let rows = running.len() as i32;
     let previous = in_flight.take();
     let inputs = match &previous {
@@ -744,13 +807,18 @@ fn decode_pipelined_step(model: &DecoderModel, batch: &mut nn::BatchCache, runni
     };
     let logits = model.decode_batched(&inputs, batch)?;
     let next = ops::indexing::argmax_axis(&logits, -1, false)?.as_dtype(Dtype::Int32)?;
+    let built = Instant::now();
     mlx_rs::transforms::async_eval(std::iter::once(&next).chain(batch.arrays()))?;
+    let launched = Instant::now();
     let next = InFlight { tokens: next, known: vec![false; rows as usize] };
     let Some(previous) = previous else {
         *in_flight = Some(next);
         return Ok(());
     };
+    previous.tokens.eval()?;
+    let waited = Instant::now();
     let done = take_tokens(&previous, running)?;
+    profile.step(rows as usize, built - started, launched - built, waited - launched, waited.elapsed());
     let keep: Vec<i32> = (0..rows).filter(|row| !done.contains(&(*row as usize))).collect();
     retire(batch, running, done, finished)?;
     *in_flight = next.keep(&keep)?;
