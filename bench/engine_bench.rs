@@ -17,6 +17,10 @@ fn arg(args: &[String], name: &str, default: usize) -> usize {
 }
 
 fn main() {
+    if std::env::var_os("MLXSERVER_PROFILE").is_some() {
+        // The engine logs where decode time goes.
+        tracing_subscriber::fmt().with_env_filter("warn,mlxserver::engine=info").with_writer(std::io::stderr).init();
+    }
     let args: Vec<String> = std::env::args().collect();
     let Some(model) = args.get(1).map(PathBuf::from) else {
         eprintln!("usage: engine_bench MODEL_PATH [--prompt-tokens N] [--decode-tokens M] [--runs R] [--batch B]");

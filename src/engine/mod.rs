@@ -312,7 +312,7 @@ struct WorkerModel {
 
 /// Where decode time goes, per step, when `MLXSERVER_PROFILE` is set: building the step's
 /// graph on the host, handing it to MLX, waiting for the device, and the host's bookkeeping
-/// (detokenizing, stop strings, events). Printed to stderr every 256 steps.
+/// (detokenizing, stop strings, events). Logged (info) every 256 steps.
 #[derive(Default)]
 struct DecodeProfile {
     enabled: bool,
@@ -344,14 +344,15 @@ impl DecodeProfile {
         if self.steps == 256 {
             let per = |d: Duration| d.as_secs_f64() * 1e6 / self.steps as f64;
             let wall = since.elapsed().as_secs_f64() * 1e6 / self.steps as f64;
-            eprintln!(
-                "decode profile: {} steps, {:.1} rows/step, per step: wall {wall:.0} us, graph build {:.0} us, launch {:.0} us, wait {:.0} us, host {:.0} us",
-                self.steps,
-                self.rows as f64 / self.steps as f64,
-                per(self.build),
-                per(self.launch),
-                per(self.wait),
-                per(self.host)
+            tracing::info!(
+                steps = self.steps,
+                rows_per_step = format!("{:.1}", self.rows as f64 / self.steps as f64),
+                wall_us = format!("{wall:.0}"),
+                build_us = format!("{:.0}", per(self.build)),
+                launch_us = format!("{:.0}", per(self.launch)),
+                wait_us = format!("{:.0}", per(self.wait)),
+                host_us = format!("{:.0}", per(self.host)),
+                "decode profile"
             );
             *self = DecodeProfile { enabled: true, ..Default::default() };
         }

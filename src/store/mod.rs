@@ -296,15 +296,31 @@ impl Store {
         Ok(BaseModel { manifest, folder: target })
     }
 
-    /// Removes leftovers of interrupted writes (called at start-up).
+    /// Removes leftovers of interrupted writes (called when `serve` and `pull` start). A
+    /// staging folder whose writer (the process id in its name) still runs is left alone: it
+    /// is another pull in progress, not a leftover.
     pub fn clean_partials(&self) {
         if let Ok(read) = fs::read_dir(&self.root) {
             for entry in read.filter_map(|e| e.ok()) {
-                if entry.file_name().to_string_lossy().starts_with(".partial-") {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with(".partial-") && !writer_alive(&name) {
                     let _ = fs::remove_dir_all(entry.path());
                 }
             }
         }
+    }
+}
+
+/// Whether the process that made the staging folder `name` (`.partial-NAME-PID-UUID`) runs.
+fn writer_alive(name: &str) -> bool {
+    let mut parts = name.rsplitn(3, '-');
+    let (_uuid, pid) = (parts.next(), parts.next().and_then(|p| p.parse::<i32>().ok()));
+    match pid {
+        Some(pid) if pid > 0 && pid != std::process::id() as i32 => {
+            // SAFETY: signal 0 only checks that the process exists.
+            unsafe { libc::kill(pid, 0) == 0 }
+        }
+        _ => false,
     }
 }
 
@@ -543,4 +559,15 @@ pub fn digest_folder(folder: &Path) -> Result<(u64, String)> {
         }
     }
     Ok((size, hex::encode(hasher.finalize())))
+}
+
+#[cfg(test)]
+mod writer_tests {
+    #[test]
+    fn staging_folders_of_running_writers_are_kept() {
+        // Process 1 always runs; a pid beyond the kernel's limit never does.
+        assert!(super::writer_alive(".partial-smol-1-0123abcd"));
+        assert!(!super::writer_alive(".partial-smol-2147483646-0123abcd"));
+        assert!(!super::writer_alive(".partial-removing-smol-0123abcd"));
+    }
 }
