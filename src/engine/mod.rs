@@ -25,6 +25,7 @@ pub mod sampling;
 pub mod template;
 pub mod tokenizer;
 pub mod tools;
+pub mod validate;
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -729,7 +730,11 @@ fn logits_rows(logits: &Array) -> Result<Vec<Vec<f32>>> {
 /// Feeds the next chunk of a sequence's prompt. Returns the last position's logits once the
 /// whole prompt is in the cache.
 fn prefill_step(model: &DecoderModel, sequence: &mut Sequence, chunk: usize) -> Result<Option<Vec<f32>>> {
-    let end = (sequence.prefilled + chunk).min(sequence.prompt.len());
+    // The last prompt token always runs on its own, as it does after a prefix-cache hit (which
+    // reuses all but the last token): cold and cached prompts then compute the first logits
+    // with the same kernels, so a seeded request gives the same answer either way.
+    let last = sequence.prompt.len() - 1;
+    let end = if sequence.prefilled < last { (sequence.prefilled + chunk).min(last) } else { sequence.prompt.len() };
     let tokens: Vec<i32> = sequence.prompt[sequence.prefilled..end].iter().map(|&t| t as i32).collect();
     let input = Array::from_slice(&tokens, &[1, tokens.len() as i32]);
     let logits = model.forward(&input, &mut SequenceSlot { cache: &mut sequence.cache })?;

@@ -357,15 +357,16 @@ fn place(from: &Path, to: &Path) -> Result<(), PullError> {
 fn check_architecture(folder: &Path, repo: &str) -> Result<(), PullError> {
     let text = std::fs::read_to_string(folder.join("config.json")).unwrap_or_default();
     let json: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-    if folder_kind(folder) == ModelKind::Embedding {
-        return Ok(());
-    }
-    match crate::engine::decoder::DecoderConfig::from_hf(&json) {
-        Ok(_) => Ok(()),
-        Err(crate::engine::EngineError::UnsupportedArchitecture(reason)) => {
-            Err(PullError::Unsupported { repo: repo.into(), reason: format!("architecture {reason}, bert") })
+    if folder_kind(folder) != ModelKind::Embedding {
+        if let Err(crate::engine::EngineError::UnsupportedArchitecture(reason)) = crate::engine::decoder::DecoderConfig::from_hf(&json) {
+            return Err(PullError::Unsupported { repo: repo.into(), reason: format!("architecture {reason}, bert") });
         }
-        Err(error) => Err(PullError::Unsupported { repo: repo.into(), reason: error.to_string() }),
+    }
+    // Headers, tensor names and shapes against config.json: a broken model is refused before
+    // it is listed.
+    match crate::engine::validate::check_folder(folder) {
+        Ok(()) => Ok(()),
+        Err(problem) => Err(PullError::Unsupported { repo: repo.into(), reason: problem }),
     }
 }
 

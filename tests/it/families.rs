@@ -307,3 +307,35 @@ fn pull_phi3_8bit_from_the_hub_then_run_answers() {
     assert!(answer.status.success(), "{text}\n{}", crate::common::stderr(&answer));
     assert!(text.split_whitespace().any(|w| w.starts_with('w')), "no answer: {text:?}");
 }
+
+/// A folder with random bytes for weights is refused by `pull` with the first problem named,
+/// and nothing is listed or left behind.
+#[test]
+fn pull_refuses_a_broken_model_before_listing_it() {
+    let root = tempfile::tempdir().unwrap();
+    let garbage = root.path().join("garbage");
+    std::fs::create_dir_all(&garbage).unwrap();
+    std::fs::write(garbage.join("config.json"), r#"{"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2, "vocab_size": 512}"#).unwrap();
+    let noise: Vec<u8> = (0..100_000u32).map(|i| (splitmix64(u64::from(i)) >> 56) as u8).collect();
+    std::fs::write(garbage.join("model.safetensors"), noise).unwrap();
+    let home = crate::common::Home::new();
+    let output = home.run(&["pull", garbage.to_str().unwrap(), "--name", "garbage"]);
+    let said = format!("{}{}", crate::common::stdout(&output), crate::common::stderr(&output));
+    assert!(!output.status.success(), "{said}");
+    assert!(said.contains("model.safetensors") && said.contains("not a safetensors file"), "{said}");
+    let listed = crate::common::stdout(&home.run(&["list"]));
+    assert!(!listed.contains("garbage"), "{listed}");
+    let models = home.path().join("models");
+    let left: Vec<String> = std::fs::read_dir(&models).map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default();
+    assert!(left.iter().all(|name| !name.contains("garbage")), "left behind: {left:?}");
+
+    // A truncated copy of a real model (the phi3 fixture) is refused as well.
+    let fixture = fixtures().into_iter().find(|(name, _)| name == "phi3").unwrap().1;
+    let cut = root.path().join("cut");
+    write_family_folder(&fixture, &cut);
+    let weights = std::fs::read(cut.join("model.safetensors")).unwrap();
+    std::fs::write(cut.join("model.safetensors"), &weights[..weights.len() / 2]).unwrap();
+    let output = home.run(&["pull", cut.to_str().unwrap(), "--name", "cut"]);
+    let said = format!("{}{}", crate::common::stdout(&output), crate::common::stderr(&output));
+    assert!(!output.status.success() && said.contains("truncated"), "{said}");
+}

@@ -188,7 +188,13 @@ fn the_nyan_sensei_personality_applies_its_system_prompt() {
     assert!(!stdout(&nyan).trim().is_empty());
     // The SYSTEM prompt replaces the model's default one: many more prompt tokens, and the
     // PARAMETER caps the answer.
-    let base = home.run(&["run", CHAT, question, "--verbose"]);
+    // The base model with the same answer cap and no SYSTEM (an uncapped sampled answer can
+    // run to the end of the context, minutes on this CPU).
+    let capped = home.path().join("Modelfile.capped");
+    std::fs::write(&capped, format!("FROM {CHAT}\nPARAMETER num_predict 24\n")).unwrap();
+    let created = home.run(&["create", "capped", "-f", capped.to_str().unwrap()]);
+    assert!(created.status.success(), "{}", stderr(&created));
+    let base = home.run(&["run", "capped", question, "--verbose"]);
     let (with_system, without) = (prompt_tokens(&stderr(&nyan)), prompt_tokens(&stderr(&base)));
     assert!(with_system > without + 20, "nyan-sensei's prompt carries its SYSTEM: {with_system} vs {without} tokens");
     let eval = stderr(&nyan).lines().find(|l| l.starts_with("eval:")).unwrap().to_string();
