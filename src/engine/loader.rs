@@ -124,8 +124,6 @@ pub fn load(path: &Path, policy: DevicePolicy) -> Result<LoadedModel> {
             SUPPORTED_FAMILIES.join(", ")
         )));
     }
-    // An unknown family is refused before any weight is read.
-    DecoderConfig::from_hf(&config)?;
     load_hf_decoder(path, &config, policy)
 }
 
@@ -293,11 +291,16 @@ fn fuse_projections(device: DevicePolicy) -> bool {
 }
 
 /// Builds a decoder of any supported family from Hugging Face-named tensors.
-fn build_decoder(mut tensors: Tensors, config_json: &Value, device: DevicePolicy) -> Result<DecoderModel> {
-    let config = DecoderConfig::from_hf(config_json).map_err(|error| match error {
-        EngineError::InvalidModel(detail) => invalid(&tensors.source, detail),
+/// Reads the family's settings from config.json; an unknown family is refused here, before
+/// any weight is read.
+fn decoder_config(source: &Path, config_json: &Value) -> Result<DecoderConfig> {
+    DecoderConfig::from_hf(config_json).map_err(|error| match error {
+        EngineError::InvalidModel(detail) => invalid(source, detail),
         other => other,
-    })?;
+    })
+}
+
+fn build_decoder(mut tensors: Tensors, config_json: &Value, config: DecoderConfig, device: DevicePolicy) -> Result<DecoderModel> {
     let policy = device.for_model(native_dtype(&tensors.arrays, config_json));
     // Some checkpoints carry the `model.` prefix inside a `language_model.` wrapper.
     let renamed: Vec<String> = tensors.arrays.keys().filter(|n| n.starts_with("language_model.")).cloned().collect();
@@ -597,8 +600,9 @@ pub fn read_gguf(path: &Path) -> Result<GgufContents> {
 fn load_gguf(path: &Path, device: DevicePolicy) -> Result<LoadedModel> {
     let contents = read_gguf(path)?;
     let template = ChatTemplate::new(contents.chat_template, contents.bos_token.as_ref().map(|(_, t)| t.as_str()).unwrap_or(""), &contents.eos_text)?;
+    let config = decoder_config(path, &contents.config)?;
     let tensors = Tensors { source: path.to_path_buf(), arrays: contents.tensors, quantization: QuantSpec::gguf() };
-    let model = build_decoder(tensors, &contents.config, device)?;
+    let model = build_decoder(tensors, &contents.config, config, device)?;
     let frontend = ChatFrontend {
         tokenizer: Arc::new(contents.tokenizer),
         template,
@@ -679,6 +683,7 @@ fn ids_of(value: &Value) -> Vec<u32> {
 }
 
 fn load_hf_decoder(folder: &Path, config: &Value, device: DevicePolicy) -> Result<LoadedModel> {
+    let decoder = decoder_config(folder, config)?;
     let quantization = QuantSpec::from_config(config);
     let arrays = load_safetensors(folder)?;
     let tokenizer = Arc::new(tokenizer::from_file(&folder.join("tokenizer.json"))?);
@@ -701,7 +706,7 @@ fn load_hf_decoder(folder: &Path, config: &Value, device: DevicePolicy) -> Resul
         eos_text.as_deref().unwrap_or(""),
     )?;
     let tensors = Tensors { source: folder.to_path_buf(), arrays, quantization };
-    let model = build_decoder(tensors, config, device)?;
+    let model = build_decoder(tensors, config, decoder, device)?;
     let context_length = model.config.max_position_embeddings;
     let vocab_size = model.config.vocab_size as usize;
     let frontend = ChatFrontend { tokenizer, template, bos_token, add_bos, eos_token_ids, context_length, vocab_size };

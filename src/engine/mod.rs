@@ -748,7 +748,7 @@ fn prefill_step(model: &DecoderModel, sequence: &mut Sequence, chunk: usize) -> 
 }
 
 /// Finished rows leave the batch with their caches, cut to the tokens the sequence holds (a
-/// pipelined step may have written one more).
+/// pipelined step may have written one more; otherwise the cut changes nothing).
 fn retire(batch: &mut nn::BatchCache, running: &mut Vec<Sequence>, done: Vec<usize>, finished: &mut Vec<Sequence>) -> Result<()> {
     for index in done.into_iter().rev() {
         let mut caches = batch.remove(index)?;
@@ -845,11 +845,5 @@ fn decode_batched_step(model: &DecoderModel, batch: &mut nn::BatchCache, running
             done.push(index);
         }
     }
-    for index in done.into_iter().rev() {
-        let caches = batch.remove(index)?;
-        let mut sequence = running.remove(index);
-        sequence.cache = caches;
-        finished.push(sequence);
-    }
-    Ok(())
+    retire(batch, running, done, finished)
 }

@@ -354,20 +354,10 @@ fn place(from: &Path, to: &Path) -> Result<(), PullError> {
     Ok(())
 }
 
+/// The family (an unknown one names the supported ones), then headers, tensor names and
+/// shapes against config.json: a broken model is refused before it is listed.
 fn check_architecture(folder: &Path, repo: &str) -> Result<(), PullError> {
-    let text = std::fs::read_to_string(folder.join("config.json")).unwrap_or_default();
-    let json: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-    if folder_kind(folder) != ModelKind::Embedding {
-        if let Err(crate::engine::EngineError::UnsupportedArchitecture(reason)) = crate::engine::decoder::DecoderConfig::from_hf(&json) {
-            return Err(PullError::Unsupported { repo: repo.into(), reason: format!("architecture {reason}, bert") });
-        }
-    }
-    // Headers, tensor names and shapes against config.json: a broken model is refused before
-    // it is listed.
-    match crate::engine::validate::check_folder(folder) {
-        Ok(()) => Ok(()),
-        Err(problem) => Err(PullError::Unsupported { repo: repo.into(), reason: problem }),
-    }
+    crate::engine::validate::check_folder(folder).map_err(|problem| PullError::Unsupported { repo: repo.into(), reason: problem })
 }
 
 /// Converts a GGUF file into the staging folder (quantization kept, MLX layout).
