@@ -508,11 +508,6 @@ impl DecoderModel {
         (0..self.config.num_layers).map(|_| KvCache::new()).collect()
     }
 
-    /// Whether decoding runs batched (always, since RoPE takes per-row positions).
-    pub fn batches_decode(&self) -> bool {
-        true
-    }
-
     fn embed(&self, tokens: &Array) -> Result<Array> {
         let x = self.embed_tokens.forward(tokens)?;
         let x = if x.dtype() != self.dtype { x.as_dtype(self.dtype)? } else { x };

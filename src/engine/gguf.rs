@@ -6,7 +6,7 @@
 //! truncated or hostile file is a clear error instead of a huge allocation.
 
 use std::collections::HashMap;
-use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::io::{BufReader, Read};
 use std::path::Path;
 
 const MAGIC: &[u8; 4] = b"GGUF";
@@ -205,18 +205,6 @@ fn parse<R: Read>(reader: &mut Reader<R>, size: u64) -> Result<GgufHeader, GgufE
         tensors.push(GgufTensorInfo { name, dims, ggml_type, offset });
     }
     Ok(GgufHeader { version, metadata, tensors })
-}
-
-/// Opens a GGUF file for its header alone, seeking past nothing (kept for callers that hold a
-/// path and want to check a file before handing it to MLX).
-pub fn check(path: &Path) -> Result<GgufHeader, GgufError> {
-    let header = read_header(path)?;
-    let mut file = std::fs::File::open(path).map_err(|e| GgufError(e.to_string()))?;
-    let end = file.seek(SeekFrom::End(0)).map_err(|e| GgufError(e.to_string()))?;
-    if header.tensors.iter().any(|t| t.offset > end) {
-        return Err(GgufError("the tensor table points past the end of the file".into()));
-    }
-    Ok(header)
 }
 
 #[cfg(test)]
