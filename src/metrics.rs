@@ -33,23 +33,36 @@ impl Histogram {
         self.count += 1;
     }
 
-    fn render(&self, name: &str, out: &mut String) {
+    /// The series of one label value (`model="x"`).
+    fn render_labelled(&self, name: &str, label: &str, out: &mut String) {
         for (bound, count) in self.bounds.iter().zip(&self.counts) {
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {count}");
+            let _ = writeln!(out, "{name}_bucket{{{label},le=\"{bound}\"}} {count}");
         }
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
-        let _ = writeln!(out, "{name}_sum {}", self.sum);
-        let _ = writeln!(out, "{name}_count {}", self.count);
+        let _ = writeln!(out, "{name}_bucket{{{label},le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(out, "{name}_sum{{{label}}} {}", self.sum);
+        let _ = writeln!(out, "{name}_count{{{label}}} {}", self.count);
+    }
+}
+
+/// Token counts and latencies of one model.
+#[derive(Debug)]
+struct ModelSeries {
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    ttft: Histogram,
+    token_latency: Histogram,
+}
+
+impl Default for ModelSeries {
+    fn default() -> Self {
+        ModelSeries { prompt_tokens: 0, completion_tokens: 0, ttft: Histogram::new(TTFT_BUCKETS), token_latency: Histogram::new(TOKEN_BUCKETS) }
     }
 }
 
 #[derive(Debug)]
 struct Inner {
     requests: BTreeMap<(String, String, u16), u64>,
-    prompt_tokens: u64,
-    completion_tokens: u64,
-    ttft: Histogram,
-    token_latency: Histogram,
+    models: BTreeMap<String, ModelSeries>,
 }
 
 /// The server's metrics; cheap to clone.
@@ -61,13 +74,7 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics {
-            inner: Arc::new(Mutex::new(Inner {
-                requests: BTreeMap::new(),
-                prompt_tokens: 0,
-                completion_tokens: 0,
-                ttft: Histogram::new(TTFT_BUCKETS),
-                token_latency: Histogram::new(TOKEN_BUCKETS),
-            })),
+            inner: Arc::new(Mutex::new(Inner { requests: BTreeMap::new(), models: BTreeMap::new() })),
         }
     }
 }
@@ -103,16 +110,18 @@ impl Metrics {
         *self.lock().requests.entry((method.to_string(), route.to_string(), status)).or_default() += 1;
     }
 
-    /// One finished generation: its token counts, time to first token, and decode time.
-    pub fn generation(&self, prompt_tokens: usize, completion_tokens: usize, ttft: Option<Duration>, eval: Duration) {
+    /// One finished generation of `model`: its token counts, time to first token, and
+    /// decode time.
+    pub fn generation(&self, model: &str, prompt_tokens: usize, completion_tokens: usize, ttft: Option<Duration>, eval: Duration) {
         let mut inner = self.lock();
-        inner.prompt_tokens += prompt_tokens as u64;
-        inner.completion_tokens += completion_tokens as u64;
+        let series = inner.models.entry(model.to_string()).or_default();
+        series.prompt_tokens += prompt_tokens as u64;
+        series.completion_tokens += completion_tokens as u64;
         if let Some(ttft) = ttft {
-            inner.ttft.observe(ttft.as_secs_f64());
+            series.ttft.observe(ttft.as_secs_f64());
         }
         if completion_tokens > 1 {
-            inner.token_latency.observe(eval.as_secs_f64() / (completion_tokens - 1) as f64);
+            series.token_latency.observe(eval.as_secs_f64() / (completion_tokens - 1) as f64);
         }
     }
 
@@ -123,14 +132,28 @@ impl Metrics {
         for ((method, route, status), count) in &inner.requests {
             let _ = writeln!(out, "mlxserver_requests_total{{method=\"{}\",route=\"{}\",status=\"{status}\"}} {count}", escape(method), escape(route));
         }
+        // Totals over every model, then one labelled series per model.
+        let total = |pick: fn(&ModelSeries) -> u64| inner.models.values().map(pick).sum::<u64>();
         out.push_str("# HELP mlxserver_prompt_tokens_total Prompt tokens read.\n# TYPE mlxserver_prompt_tokens_total counter\n");
-        let _ = writeln!(out, "mlxserver_prompt_tokens_total {}", inner.prompt_tokens);
+        let _ = writeln!(out, "mlxserver_prompt_tokens_total {}", total(|s| s.prompt_tokens));
         out.push_str("# HELP mlxserver_completion_tokens_total Tokens generated.\n# TYPE mlxserver_completion_tokens_total counter\n");
-        let _ = writeln!(out, "mlxserver_completion_tokens_total {}", inner.completion_tokens);
-        out.push_str("# HELP mlxserver_time_to_first_token_seconds Time from request to first token.\n# TYPE mlxserver_time_to_first_token_seconds histogram\n");
-        inner.ttft.render("mlxserver_time_to_first_token_seconds", &mut out);
-        out.push_str("# HELP mlxserver_time_per_output_token_seconds Average decode time per token of a generation.\n# TYPE mlxserver_time_per_output_token_seconds histogram\n");
-        inner.token_latency.render("mlxserver_time_per_output_token_seconds", &mut out);
+        let _ = writeln!(out, "mlxserver_completion_tokens_total {}", total(|s| s.completion_tokens));
+        out.push_str("# HELP mlxserver_model_prompt_tokens_total Prompt tokens read, by model.\n# TYPE mlxserver_model_prompt_tokens_total counter\n");
+        for (model, series) in &inner.models {
+            let _ = writeln!(out, "mlxserver_model_prompt_tokens_total{{model=\"{}\"}} {}", escape(model), series.prompt_tokens);
+        }
+        out.push_str("# HELP mlxserver_model_completion_tokens_total Tokens generated, by model.\n# TYPE mlxserver_model_completion_tokens_total counter\n");
+        for (model, series) in &inner.models {
+            let _ = writeln!(out, "mlxserver_model_completion_tokens_total{{model=\"{}\"}} {}", escape(model), series.completion_tokens);
+        }
+        out.push_str("# HELP mlxserver_time_to_first_token_seconds Time from request to first token, by model.\n# TYPE mlxserver_time_to_first_token_seconds histogram\n");
+        for (model, series) in &inner.models {
+            series.ttft.render_labelled("mlxserver_time_to_first_token_seconds", &format!("model=\"{}\"", escape(model)), &mut out);
+        }
+        out.push_str("# HELP mlxserver_time_per_output_token_seconds Average decode time per token of a generation, by model.\n# TYPE mlxserver_time_per_output_token_seconds histogram\n");
+        for (model, series) in &inner.models {
+            series.token_latency.render_labelled("mlxserver_time_per_output_token_seconds", &format!("model=\"{}\"", escape(model)), &mut out);
+        }
         let gauge = |out: &mut String, name: &str, help: &str, value: u64| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
         };
@@ -160,11 +183,12 @@ mod tests {
         let metrics = Metrics::default();
         metrics.request("POST", "/api/chat", 200);
         metrics.request("POST", "/api/chat", 200);
-        metrics.generation(10, 5, Some(Duration::from_millis(300)), Duration::from_millis(400));
+        metrics.generation("smol", 10, 5, Some(Duration::from_millis(300)), Duration::from_millis(400));
         let text = metrics.render(&Gauges { loaded_models: 1, ..Default::default() });
         assert!(text.contains("mlxserver_requests_total{method=\"POST\",route=\"/api/chat\",status=\"200\"} 2"));
-        assert!(text.contains("mlxserver_time_to_first_token_seconds_bucket{le=\"0.5\"} 1"));
-        assert!(text.contains("mlxserver_time_to_first_token_seconds_bucket{le=\"0.25\"} 0"));
+        assert!(text.contains("mlxserver_time_to_first_token_seconds_bucket{model=\"smol\",le=\"0.5\"} 1"));
+        assert!(text.contains("mlxserver_time_to_first_token_seconds_bucket{model=\"smol\",le=\"0.25\"} 0"));
+        assert!(text.contains("mlxserver_model_completion_tokens_total{model=\"smol\"} 5"));
         assert!(text.contains("mlxserver_loaded_models 1"));
         assert!(text.contains("mlxserver_completion_tokens_total 5"));
     }

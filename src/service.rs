@@ -1,245 +1,62 @@
-//! The core every front end shares (the three HTTP API families and the CLI's in-process
-//! mode): resolve a model or personality name in the store, take a lease on it from the
-//! scheduler, build the prompt (personality SYSTEM, MESSAGEs and parameters applied, the
-//! model's chat template rendered), and start generation or embedding on the engine.
-//!
-//! API modules only translate their wire formats to [`ChatRequest`] / [`CompletionRequest`] /
-//! [`Service::embed`] and the resulting [`Generation`] events back.
+//! The service behind every front end (the HTTP API families and the CLI's in-process
+//! mode): it holds the store, the scheduler and the engine, resolves a model or personality
+//! name, takes a lease on the model, has the prompt composed ([`crate::answer::prompt`]),
+//! runs it on the engine and hands back an [`Answer`]. It implements the
+//! [`Backend`](crate::answer::Backend) the handlers call and the
+//! [`Embedder`](crate::rag::Embedder) that indexing uses.
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Instant;
 
-use tokio::sync::mpsc::UnboundedReceiver;
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
+use tokio::sync::mpsc::Receiver;
 
+pub use crate::answer::{
+    ChatMessage, ChatRequest, CompletionRequest, EmbedRequest, Embeddings, Options, OutputFormat, RagOptions, Result, ServiceError,
+};
+use crate::answer::prompt;
+use crate::answer::stream::{answer_events, prompt_opens_thinking, Shaping};
+use crate::answer::{Answer, Backend, Relevance, TokenizeInput, Tokenized};
 use crate::config::{Config, KeepAlive};
 use crate::engine::constrain::Grammar;
-use crate::engine::template::TemplateMessage;
-use crate::engine::tools::{self, ToolCall, ToolChoice, ToolFormat, ToolSpec};
-use crate::engine::{
-    self, ChatFrontend, Completion, EmbedFrontend, Engine, EngineError, EngineEvent, Frontend, GenerateRequest, ModelKind,
-    SamplingParams, TokenLogprob,
-};
-use crate::i18n::Msg;
-use crate::msg;
-use crate::rag::{self, Rag, RagError, Source};
-use crate::scheduler::{Lease, ModelKey, Scheduler, SchedulerConfig, SchedulerError};
-use crate::store::{ModelName, Modelfile, Parameters, Resolved, Store, StoreError};
+use crate::engine::{self, ChatFrontend, EmbedFrontend, Engine, EngineError, EngineEvent, Frontend, GenerateRequest, ModelKind};
+use crate::rag::{self, EmbedderError, EmbeddingSession, Rag, Source};
+use crate::scheduler::{Lease, ModelKey, Scheduler, SchedulerConfig};
+use crate::store::{ModelName, Parameters, Resolved, Store};
 
-#[derive(Debug, thiserror::Error)]
-#[error("{}", self.msg())]
-pub enum ServiceError {
-    Store(#[from] StoreError),
-    Scheduler(#[from] SchedulerError),
-    Engine(#[from] EngineError),
-    Rag(#[from] RagError),
-    BadRequest(String),
-}
-
-impl ServiceError {
-    pub fn msg(&self) -> Msg {
-        match self {
-            ServiceError::Store(error) => error.msg(),
-            ServiceError::Scheduler(SchedulerError::Load(error)) => error.msg(),
-            ServiceError::Scheduler(SchedulerError::Busy { waiting }) => msg!("service.error.busy", waiting = waiting),
-            ServiceError::Scheduler(SchedulerError::ShuttingDown) => msg!("service.error.shutting_down"),
-            ServiceError::Engine(error) => error.msg(),
-            ServiceError::Rag(error) => error.msg(),
-            ServiceError::BadRequest(detail) => msg!("engine.error.bad_request", detail = detail),
-        }
-    }
-}
-
-pub type Result<T> = std::result::Result<T, ServiceError>;
-
-/// One chat turn as the front ends pass it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ChatMessage {
-    pub role: String,
-    pub content: String,
-    /// Calls an assistant turn made.
-    pub tool_calls: Vec<ToolCall>,
-    /// The call a `tool` turn answers.
-    pub tool_call_id: Option<String>,
-}
-
-impl ChatMessage {
-    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        ChatMessage { role: role.into(), content: content.into(), tool_calls: Vec::new(), tool_call_id: None }
-    }
-
-    fn to_template(&self) -> TemplateMessage {
-        let tool_calls = (!self.tool_calls.is_empty()).then(|| {
-            serde_json::Value::Array(
-                self.tool_calls
-                    .iter()
-                    .map(|c| serde_json::json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
-                    .collect(),
-            )
-        });
-        TemplateMessage { tool_calls, tool_call_id: self.tool_call_id.clone(), ..TemplateMessage::new(&self.role, self.content.clone()) }
-    }
-}
-
-/// What the answer must look like.
-#[derive(Debug, Clone, PartialEq)]
-pub enum OutputFormat {
-    /// Any JSON object.
-    Json,
-    /// JSON that validates against this schema.
-    JsonSchema(serde_json::Value),
-}
-
-/// Request options on top of the personality's parameters.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Options {
-    /// Defaults of the API family (OpenAI's differ from Ollama's), below the personality's.
-    pub defaults: Parameters,
-    pub parameters: Parameters,
-    /// Report log-probabilities with this many alternatives per token.
-    pub logprobs: Option<usize>,
-    /// Structured output, enforced by constrained decoding.
-    pub format: Option<OutputFormat>,
-}
-
-/// Retrieval settings of a request; unset fields take the collection's model and the
-/// configured defaults.
-#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize, serde::Serialize, utoipa::ToSchema)]
-pub struct RagOptions {
-    /// Collection to search (default "default").
-    pub collection: Option<String>,
-    /// Chunks to retrieve.
-    pub top_k: Option<usize>,
-    /// Lowest cosine similarity kept.
-    pub min_score: Option<f32>,
-    /// Embedding model (default: the one the collection was built with).
-    pub embedding_model: Option<String>,
-}
-
-impl RagOptions {
-    /// Reads the `rag` field of a request: `true`, or an object of options.
-    pub fn from_value(value: &serde_json::Value) -> std::result::Result<Option<RagOptions>, String> {
-        match value {
-            serde_json::Value::Null | serde_json::Value::Bool(false) => Ok(None),
-            serde_json::Value::Bool(true) => Ok(Some(RagOptions::default())),
-            object @ serde_json::Value::Object(_) => serde_json::from_value(object.clone()).map(Some).map_err(|e| format!("invalid rag options: {e}")),
-            _ => Err("rag must be true or an object".into()),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct ChatRequest {
-    pub model: String,
-    pub messages: Vec<ChatMessage>,
-    pub options: Options,
-    pub keep_alive: Option<KeepAlive>,
-    pub rag: Option<RagOptions>,
-    /// Functions the model may call.
-    pub tools: Vec<ToolSpec>,
-    pub tool_choice: ToolChoice,
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct CompletionRequest {
-    pub model: String,
-    pub prompt: String,
-    /// Overrides the personality's SYSTEM.
-    pub system: Option<String>,
-    /// Overrides the prompt template (Ollama's `template`).
-    pub template: Option<String>,
-    /// Send the prompt as is, without any template (OpenAI completions, Ollama `raw`).
-    pub raw: bool,
-    /// Ollama's `context`: token ids of an earlier exchange to continue from.
-    pub context: Vec<u32>,
-    pub options: Options,
-    pub keep_alive: Option<KeepAlive>,
-}
-
-/// A generation in progress. Holding it keeps the model loaded; dropping it cancels.
-pub struct Generation {
-    pub model: String,
-    pub created: SystemTime,
-    pub started: Instant,
-    pub load_duration: Duration,
-    pub prompt_tokens: Vec<u32>,
-    /// Chunks retrieved for this answer (empty without RAG).
-    pub sources: Vec<Source>,
-    events: UnboundedReceiver<EngineEvent>,
-    first: Option<EngineEvent>,
+/// The engine's events of one generation. Holding it keeps the model loaded; dropping it
+/// cancels the generation.
+struct Generation {
+    model: String,
+    started: Instant,
+    events: Receiver<EngineEvent>,
     first_token_at: Option<Instant>,
     metrics: crate::metrics::Metrics,
     _lease: Lease<Engine>,
 }
 
-/// A whole answer, for non-streaming responses.
-#[derive(Debug, Clone)]
-pub struct Collected {
-    pub text: String,
-    pub logprobs: Vec<(String, TokenLogprob)>,
-    pub completion: Completion,
-}
-
 impl Generation {
-    /// The next event; `None` once the engine is done with this sequence.
-    pub async fn next(&mut self) -> Option<EngineEvent> {
-        let event = match self.first.take() {
-            Some(first) => Some(first),
-            None => self.events.recv().await,
-        };
+    async fn next(&mut self) -> Option<EngineEvent> {
+        let event = self.events.recv().await;
         match &event {
             Some(EngineEvent::Token { .. }) if self.first_token_at.is_none() => self.first_token_at = Some(Instant::now()),
             Some(EngineEvent::Done(done)) => {
                 let ttft = self.first_token_at.map(|at| at.duration_since(self.started));
-                self.metrics.generation(done.prompt_tokens, done.completion_tokens, ttft, done.eval);
+                self.metrics.generation(&self.model, done.prompt_tokens, done.completion_tokens, ttft, done.eval);
             }
             _ => {}
         }
         event
     }
 
-    /// Waits for the first event, so errors that happen before any output (e.g. a failed
-    /// prompt evaluation) can still become an HTTP status.
-    pub async fn start(mut self) -> Result<Generation> {
-        match self.events.recv().await {
-            Some(EngineEvent::Error(error)) => Err(ServiceError::Engine(error)),
-            Some(event) => {
-                self.first = Some(event);
-                Ok(self)
-            }
-            None => Err(ServiceError::Engine(EngineError::Stopped)),
-        }
+    /// The events as a stream, starting with one already taken.
+    fn into_stream(self, first: EngineEvent) -> impl futures::Stream<Item = EngineEvent> + Send + 'static {
+        futures::stream::once(async move { first }).chain(futures::stream::unfold(self, |mut generation| async move {
+            generation.next().await.map(|event| (event, generation))
+        }))
     }
-
-    /// Runs to the end and gathers the answer.
-    pub async fn collect(mut self, tokenizer: Option<&tokenizers::Tokenizer>) -> Result<Collected> {
-        let mut text = String::new();
-        let mut logprobs = Vec::new();
-        while let Some(event) = self.next().await {
-            match event {
-                EngineEvent::Token { text: piece, token, logprob } => {
-                    text.push_str(&piece);
-                    if let Some(logprob) = logprob {
-                        let token_text = tokenizer.and_then(|t| t.id_to_token(token)).unwrap_or_default();
-                        logprobs.push((token_text, logprob));
-                    }
-                }
-                EngineEvent::Done(completion) => return Ok(Collected { text, logprobs, completion }),
-                EngineEvent::Error(error) => return Err(ServiceError::Engine(error)),
-            }
-        }
-        Err(ServiceError::Engine(EngineError::Stopped))
-    }
-}
-
-/// Embeddings with their token counts.
-#[derive(Debug, Clone)]
-pub struct Embeddings {
-    pub model: String,
-    pub vectors: Vec<Vec<f32>>,
-    pub prompt_tokens: usize,
-    pub load_duration: Duration,
-    pub total_duration: Duration,
 }
 
 /// Shared by every request handler. Cheap to clone.
@@ -328,92 +145,8 @@ impl Service {
         Ok((lease, frontend))
     }
 
-    /// The messages a personality adds around a request's: its SYSTEM (unless the request
-    /// brings one) and its MESSAGE few-shots.
-    pub fn compose_messages(modelfile: &Modelfile, messages: &[ChatMessage]) -> Vec<TemplateMessage> {
-        let mut composed = Vec::with_capacity(messages.len() + modelfile.messages.len() + 1);
-        let request_system = messages.iter().any(|m| m.role == "system");
-        if !request_system {
-            if let Some(system) = &modelfile.system {
-                composed.push(TemplateMessage::new("system", system.clone()));
-            }
-        }
-        let mut rest = messages.iter().peekable();
-        while let Some(message) = rest.next_if(|m| m.role == "system") {
-            composed.push(message.to_template());
-        }
-        composed.extend(modelfile.messages.iter().map(|m| TemplateMessage::new(&m.role, m.content.clone())));
-        composed.extend(rest.map(ChatMessage::to_template));
-        composed
-    }
-
-    /// Renders messages with the personality's TEMPLATE when it has one, else the model's.
-    fn render_chat(frontend: &ChatFrontend, modelfile: &Modelfile, messages: &[TemplateMessage], tools: Option<&serde_json::Value>) -> Result<String> {
-        match &modelfile.template {
-            Some(template) if !template.trim().is_empty() => Ok(render_custom_template(frontend, template, messages)?),
-            _ => Ok(frontend.template.render(messages, true, tools)?),
-        }
-    }
-
-    /// Puts the offered tools and earlier calls into the conversation the way the template
-    /// can take them, and returns the `tools` value for the template (None when the template
-    /// knows no tools and they went into the system prompt) and the call format to expect.
-    fn prepare_tools(frontend: &ChatFrontend, modelfile: &Modelfile, messages: &mut Vec<TemplateMessage>, offered: &[ToolSpec]) -> (Option<serde_json::Value>, ToolFormat) {
-        let own_template = modelfile.template.as_ref().is_none_or(|t| t.trim().is_empty());
-        let source = &frontend.template.source;
-        if own_template && !frontend.template.is_fallback && source.contains("tools") {
-            let value = (!offered.is_empty()).then(|| tools::template_tools(offered));
-            (value, ToolFormat::of_template(source))
-        } else {
-            tools::inline_for_plain_template(messages, offered);
-            (None, ToolFormat::Hermes)
-        }
-    }
-
-    /// The grammar the answer must follow: a forced tool call, else the output format.
-    fn grammar_for(request: &ChatRequest, offered: &[ToolSpec], format: ToolFormat) -> Result<Option<Grammar>> {
-        match &request.tool_choice {
-            ToolChoice::Required if !offered.is_empty() => Ok(Some(format.forced_call(offered))),
-            ToolChoice::Required => Err(ServiceError::BadRequest("tool_choice is required but no tools were given".into())),
-            ToolChoice::Named(name) => match offered.iter().find(|t| &t.name == name) {
-                Some(tool) => Ok(Some(format.forced_call(std::slice::from_ref(tool)))),
-                None => Err(ServiceError::BadRequest(format!("tool_choice names '{name}', which is not among the tools"))),
-            },
-            _ => Ok(output_grammar(&request.options.format)),
-        }
-    }
-
-    fn sampling(parameters: &Parameters) -> SamplingParams {
-        let defaults = SamplingParams::default();
-        SamplingParams {
-            temperature: parameters.temperature.unwrap_or(defaults.temperature),
-            top_k: parameters.top_k.unwrap_or(defaults.top_k),
-            top_p: parameters.top_p.unwrap_or(defaults.top_p),
-            min_p: parameters.min_p.unwrap_or(defaults.min_p),
-            repeat_penalty: parameters.repeat_penalty.unwrap_or(defaults.repeat_penalty),
-            repeat_last_n: match parameters.repeat_last_n {
-                Some(n) if n < 0 => usize::MAX,
-                Some(n) => n as usize,
-                None => defaults.repeat_last_n,
-            },
-            presence_penalty: parameters.presence_penalty.unwrap_or(defaults.presence_penalty),
-            frequency_penalty: parameters.frequency_penalty.unwrap_or(defaults.frequency_penalty),
-            seed: parameters.seed,
-        }
-    }
-
-    /// The parameters in force: the personality's, then the request's on top.
-    fn effective_parameters(modelfile: &Modelfile, options: &Options) -> Parameters {
-        let mut parameters = options.defaults.clone();
-        parameters.overlay(&modelfile.parameters);
-        parameters.overlay(&options.parameters);
-        parameters
-    }
-
     fn engine_request(&self, prompt_tokens: Vec<u32>, frontend: &ChatFrontend, parameters: &Parameters, logprobs: Option<usize>, grammar: Option<Grammar>) -> Result<GenerateRequest> {
-        // As in Ollama, a request that sets no num_ctx gets a bounded window rather than the
-        // model's whole context (which also bounds a small model that never stops).
-        let context = parameters.num_ctx.unwrap_or(self.config.context_length).min(frontend.context_length);
+        let context = prompt::context_window(parameters, self.config.context_length, frontend.context_length);
         if prompt_tokens.len() >= context {
             return Err(EngineError::ContextOverflow { prompt: prompt_tokens.len(), limit: context }.into());
         }
@@ -423,7 +156,7 @@ impl Service {
         };
         Ok(GenerateRequest {
             prompt_tokens,
-            sampling: Self::sampling(parameters),
+            sampling: prompt::sampling(parameters),
             max_tokens,
             context_length: Some(context),
             stop: parameters.stop.clone(),
@@ -432,28 +165,24 @@ impl Service {
         })
     }
 
-    async fn run(&self, resolved: &Resolved, lease: Lease<Engine>, request: GenerateRequest, started: Instant, sources: Vec<Source>) -> Result<Generation> {
+    /// Starts generating and waits for the first event, so errors that happen before any
+    /// output (a failed prompt evaluation, say) still become an HTTP status.
+    async fn run(&self, resolved: &Resolved, lease: Lease<Engine>, request: GenerateRequest, started: Instant, sources: Option<Vec<Source>>, shaping: Shaping) -> Result<Answer> {
         let prompt_tokens = request.prompt_tokens.clone();
+        let load_duration = lease.load_duration;
         let events = self.engine.generate(lease.id, request)?;
-        Generation {
-            model: resolved.name.clone(),
-            created: SystemTime::now(),
-            started,
-            load_duration: lease.load_duration,
-            prompt_tokens,
-            sources,
-            events,
-            first: None,
-            first_token_at: None,
-            metrics: self.metrics.clone(),
-            _lease: lease,
-        }
-        .start()
-        .await
+        let mut generation = Generation { model: resolved.name.clone(), started, events, first_token_at: None, metrics: self.metrics.clone(), _lease: lease };
+        let first = match generation.next().await {
+            Some(EngineEvent::Error(error)) => return Err(ServiceError::Engine(error)),
+            Some(event) => event,
+            None => return Err(ServiceError::Engine(EngineError::Stopped)),
+        };
+        let events = answer_events(generation.into_stream(first), shaping);
+        Ok(Answer::new(resolved.name.clone(), load_duration, prompt_tokens, sources, Box::pin(events)).started_at(started))
     }
 
     /// Starts a chat answer.
-    pub async fn chat(&self, request: ChatRequest) -> Result<(Generation, Arc<ChatFrontend>)> {
+    pub async fn chat(&self, request: ChatRequest) -> Result<Answer> {
         let started = Instant::now();
         let resolved = self.resolve(&request.model)?;
         if request.messages.is_empty() {
@@ -463,28 +192,29 @@ impl Service {
         let sources = match &request.rag {
             Some(options) => {
                 let question = request.messages.iter().rev().find(|m| m.role == "user").map(|m| m.content.clone()).unwrap_or_default();
-                self.retrieve(options, &question).await?
+                Some(self.retrieve(options, &question).await?)
             }
-            None => Vec::new(),
+            None => None,
         };
         let (lease, frontend) = self.chat_lease(&resolved, request.keep_alive).await?;
-        let mut messages = Self::compose_messages(&modelfile, &request.messages);
-        if request.rag.is_some() {
-            inject_sources(&mut messages, &sources);
+        let mut messages = prompt::compose_messages(&modelfile, &request.messages);
+        if let Some(sources) = &sources {
+            prompt::inject_sources(&mut messages, sources);
         }
-        let offered: &[ToolSpec] = if request.tool_choice == ToolChoice::None { &[] } else { &request.tools };
-        let (template_tools, tool_format) = Self::prepare_tools(&frontend, &modelfile, &mut messages, offered);
-        let grammar = Self::grammar_for(&request, offered, tool_format)?;
-        let prompt = Self::render_chat(&frontend, &modelfile, &messages, template_tools.as_ref())?;
-        let tokens = frontend.encode_prompt(&prompt)?;
-        let parameters = Self::effective_parameters(&modelfile, &request.options);
+        let offered = prompt::offered_tools(&request).to_vec();
+        let (template_tools, tool_format) = prompt::prepare_tools(&frontend, &modelfile, &mut messages, &offered);
+        let grammar = prompt::grammar_for(&request, &offered, tool_format)?;
+        let text = prompt::render_chat(&frontend, &modelfile, &messages, template_tools.as_ref(), request.think)?;
+        let tokens = frontend.encode_prompt(&text)?;
+        let parameters = prompt::effective_parameters(&modelfile, &request.options);
         let engine_request = self.engine_request(tokens, &frontend, &parameters, request.options.logprobs, grammar)?;
-        let generation = self.run(&resolved, lease, engine_request, started, sources).await?;
-        Ok((generation, frontend))
+        let reasoning = modelfile.template.as_ref().is_none_or(|t| t.trim().is_empty()) && frontend.template.source.contains("<think>");
+        let shaping = Shaping { tokenizer: Some(frontend.tokenizer.clone()), tools: offered, reasoning, starts_thinking: reasoning && prompt_opens_thinking(&text) };
+        self.run(&resolved, lease, engine_request, started, sources, shaping).await
     }
 
     /// Starts a completion of a prompt (templated unless `raw`).
-    pub async fn complete(&self, request: CompletionRequest) -> Result<(Generation, Arc<ChatFrontend>)> {
+    pub async fn complete(&self, request: CompletionRequest) -> Result<Answer> {
         let started = Instant::now();
         let resolved = self.resolve(&request.model)?;
         let mut modelfile = resolved.effective();
@@ -507,19 +237,22 @@ impl Service {
                 }
             }
         } else {
-            let messages = Self::compose_messages(&modelfile, &[ChatMessage::new("user", request.prompt.clone())]);
-            let prompt = Self::render_chat(&frontend, &modelfile, &messages, None)?;
+            let messages = prompt::compose_messages(&modelfile, &[ChatMessage::new("user", request.prompt.clone())]);
+            let prompt = prompt::render_chat(&frontend, &modelfile, &messages, None, None)?;
             if request.context.is_empty() {
                 tokens = frontend.encode_prompt(&prompt)?;
             } else {
                 tokens.extend(engine::tokenizer::encode(&frontend.tokenizer, &prompt)?);
             }
         }
-        let parameters = Self::effective_parameters(&modelfile, &request.options);
-        let grammar = output_grammar(&request.options.format);
+        let mut parameters = prompt::effective_parameters(&modelfile, &request.options);
+        if parameters.num_predict.is_none() {
+            parameters.num_predict = request.options.family.completion_max_tokens();
+        }
+        let grammar = prompt::output_grammar(&request.options.format);
         let engine_request = self.engine_request(tokens, &frontend, &parameters, request.options.logprobs, grammar)?;
-        let generation = self.run(&resolved, lease, engine_request, started, Vec::new()).await?;
-        Ok((generation, frontend))
+        let shaping = Shaping { tokenizer: Some(frontend.tokenizer.clone()), tools: Vec::new(), reasoning: false, starts_thinking: false };
+        self.run(&resolved, lease, engine_request, started, None, shaping).await
     }
 
     /// Loads an embedding model and returns its lease and frontend (the lease keeps it
@@ -544,20 +277,85 @@ impl Service {
 
     /// Embeds `inputs` with an embedding model. Without `truncate`, an input longer than the
     /// model's window is an error instead of being cut.
-    pub async fn embed(&self, model: &str, inputs: &[String], truncate: bool, keep_alive: Option<KeepAlive>) -> Result<Embeddings> {
+    pub async fn embed(&self, request: EmbedRequest) -> Result<Embeddings> {
         let started = Instant::now();
-        let resolved = self.resolve(model)?;
+        let resolved = self.resolve(&request.model)?;
         if resolved.base.manifest.kind != ModelKind::Embedding {
             return Err(EngineError::WrongKind { expected: ModelKind::Embedding }.into());
         }
-        let lease = self.lease(&resolved, keep_alive).await?;
+        let lease = self.lease(&resolved, request.keep_alive).await?;
         let Frontend::Embedding(frontend) = lease.model.frontend.clone() else {
             return Err(EngineError::WrongKind { expected: ModelKind::Embedding }.into());
         };
-        let tokenized = tokenize_for_embedding(&frontend, inputs, truncate)?;
+        let tokenized = tokenize_for_embedding(&frontend, &request.inputs, request.truncate)?;
         let prompt_tokens = tokenized.iter().map(Vec::len).sum();
         let vectors = self.engine.embed(lease.id, tokenized).await?;
         Ok(Embeddings { model: resolved.name.clone(), vectors, prompt_tokens, load_duration: lease.load_duration, total_duration: started.elapsed() })
+    }
+
+    /// Token ids of a text or of a rendered chat, with each token's text.
+    pub async fn tokenize(&self, model: &str, input: TokenizeInput) -> Result<Tokenized> {
+        let resolved = self.resolve(model)?;
+        let lease = self.lease(&resolved, None).await?;
+        let (tokenizer, max_context, tokens) = match (&lease.model.frontend, input) {
+            (Frontend::Chat(frontend), TokenizeInput::Text { text, add_special_tokens }) => {
+                let mut tokens = engine::tokenizer::encode(&frontend.tokenizer, &text)?;
+                if add_special_tokens && frontend.add_bos {
+                    if let Some((bos, _)) = &frontend.bos_token {
+                        tokens.insert(0, *bos);
+                    }
+                }
+                (frontend.tokenizer.clone(), frontend.context_length, tokens)
+            }
+            (Frontend::Chat(frontend), TokenizeInput::Chat { messages, tools, add_generation_prompt }) => {
+                let modelfile = resolved.effective();
+                let mut composed = prompt::compose_messages(&modelfile, &messages);
+                let (template_tools, _) = prompt::prepare_tools(frontend, &modelfile, &mut composed, &tools);
+                let text = match &modelfile.template {
+                    Some(template) if !template.trim().is_empty() => prompt::render_chat(frontend, &modelfile, &composed, None, None)?,
+                    _ => frontend.template.render(&composed, add_generation_prompt, template_tools.as_ref())?,
+                };
+                (frontend.tokenizer.clone(), frontend.context_length, frontend.encode_prompt(&text)?)
+            }
+            (Frontend::Embedding(frontend), TokenizeInput::Text { text, add_special_tokens }) => {
+                let encoding = frontend.tokenizer.encode(text.as_str(), add_special_tokens).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+                (frontend.tokenizer.clone(), frontend.max_tokens, encoding.get_ids().to_vec())
+            }
+            (Frontend::Embedding(_), TokenizeInput::Chat { .. }) => {
+                return Err(ServiceError::BadRequest("an embedding model has no chat template; send a prompt".into()));
+            }
+        };
+        let pieces = tokens.iter().map(|&id| tokenizer.decode(&[id], false).unwrap_or_default()).collect();
+        Ok(Tokenized { model: resolved.name.clone(), tokens, pieces, max_context })
+    }
+
+    /// The text of token ids (special tokens kept, so a tokenize round trip is exact).
+    pub async fn detokenize(&self, model: &str, tokens: &[u32]) -> Result<String> {
+        let resolved = self.resolve(model)?;
+        let lease = self.lease(&resolved, None).await?;
+        let tokenizer = match &lease.model.frontend {
+            Frontend::Chat(frontend) => frontend.tokenizer.clone(),
+            Frontend::Embedding(frontend) => frontend.tokenizer.clone(),
+        };
+        if let Some(bad) = tokens.iter().find(|&&id| tokenizer.id_to_token(id).is_none()) {
+            return Err(ServiceError::BadRequest(format!("token id {bad} is not in the model's vocabulary")));
+        }
+        tokenizer.decode(tokens, false).map_err(|e| EngineError::Tokenizer(e.to_string()).into())
+    }
+
+    /// Relevance of each document to the query: the cosine similarity of an embedding
+    /// model's vectors.
+    pub async fn rerank(&self, model: &str, query: &str, documents: &[String]) -> Result<Relevance> {
+        if documents.is_empty() {
+            return Err(ServiceError::BadRequest("documents must not be empty".into()));
+        }
+        let mut inputs = Vec::with_capacity(documents.len() + 1);
+        inputs.push(query.to_string());
+        inputs.extend(documents.iter().cloned());
+        let embeddings = self.embed(EmbedRequest { model: model.to_string(), inputs, truncate: true, keep_alive: None }).await?;
+        let (query, documents) = embeddings.vectors.split_first().ok_or(ServiceError::Engine(EngineError::Stopped))?;
+        let scores = documents.iter().map(|document| cosine(query, document)).collect();
+        Ok(Relevance { model: embeddings.model, scores, tokens: embeddings.prompt_tokens })
     }
 
     /// The models directory, for handlers that write into the store.
@@ -566,27 +364,14 @@ impl Service {
     }
 }
 
-/// Puts retrieved chunks into the conversation: appended to the system message, or as one.
-fn output_grammar(format: &Option<OutputFormat>) -> Option<Grammar> {
-    match format {
-        Some(OutputFormat::Json) => Some(Grammar::JsonObject),
-        Some(OutputFormat::JsonSchema(schema)) => Some(Grammar::JsonSchema(schema.clone())),
-        None => None,
-    }
-}
-
-fn inject_sources(messages: &mut Vec<TemplateMessage>, sources: &[Source]) {
-    let context = if sources.is_empty() {
-        "No document in the index matched this question; say that the documents do not cover it if you cannot answer from general knowledge.".to_string()
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let denominator = norm(a) * norm(b);
+    if denominator > 0.0 {
+        dot / denominator
     } else {
-        rag::context_message(sources)
-    };
-    match messages.iter_mut().find(|m| m.role == "system") {
-        Some(system) => {
-            system.content.push_str("\n\n");
-            system.content.push_str(&context);
-        }
-        None => messages.insert(0, TemplateMessage::new("system", context)),
+        0.0
     }
 }
 
@@ -605,102 +390,59 @@ fn tokenize_for_embedding(frontend: &EmbedFrontend, inputs: &[String], truncate:
     Ok(all)
 }
 
-/// Ollama-style TEMPLATE of a personality: either Jinja (used as the chat template) or a
-/// Go-template subset: `{{ .System }}`, `{{ .Prompt }}`, `{{ .Response }}` and
-/// `{{ if .System }}…{{ end }}`. Earlier turns are rendered in sequence, as Ollama does for
-/// templates without a `.Messages` loop.
-fn render_custom_template(frontend: &ChatFrontend, template: &str, messages: &[TemplateMessage]) -> Result<String> {
-    if template.contains("{%") || template.contains("messages") {
-        let custom = engine::template::ChatTemplate::new(Some(template.to_string()), frontend.bos_token.as_ref().map(|b| b.1.as_str()).unwrap_or(""), "")?;
-        return Ok(custom.render(messages, true, None)?);
+impl Backend for Service {
+    fn chat(&self, request: ChatRequest) -> BoxFuture<'_, Result<Answer>> {
+        Service::chat(self, request).boxed()
     }
-    let system = messages.iter().filter(|m| m.role == "system").map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n");
-    let mut out = String::new();
-    let mut pending_prompt: Option<&str> = None;
-    let turns: Vec<&TemplateMessage> = messages.iter().filter(|m| m.role != "system").collect();
-    let mut first = true;
-    for message in &turns {
-        match message.role.as_str() {
-            "assistant" => {
-                out.push_str(&fill_go_template(template, if first { &system } else { "" }, pending_prompt.unwrap_or(""), &message.content));
-                pending_prompt = None;
-                first = false;
-            }
-            _ => {
-                if let Some(prompt) = pending_prompt {
-                    out.push_str(&fill_go_template(template, if first { &system } else { "" }, prompt, ""));
-                    first = false;
-                }
-                pending_prompt = Some(message.content.as_str());
-            }
-        }
+
+    fn complete(&self, request: CompletionRequest) -> BoxFuture<'_, Result<Answer>> {
+        Service::complete(self, request).boxed()
     }
-    if let Some(prompt) = pending_prompt {
-        out.push_str(&fill_go_template(template, if first { &system } else { "" }, prompt, ""));
+
+    fn embed(&self, request: EmbedRequest) -> BoxFuture<'_, Result<Embeddings>> {
+        Service::embed(self, request).boxed()
     }
-    Ok(out)
+
+    fn tokenize(&self, model: String, input: TokenizeInput) -> BoxFuture<'_, Result<Tokenized>> {
+        async move { Service::tokenize(self, &model, input).await }.boxed()
+    }
+
+    fn detokenize(&self, model: String, tokens: Vec<u32>) -> BoxFuture<'_, Result<String>> {
+        async move { Service::detokenize(self, &model, &tokens).await }.boxed()
+    }
+
+    fn rerank(&self, model: String, query: String, documents: Vec<String>) -> BoxFuture<'_, Result<Relevance>> {
+        async move { Service::rerank(self, &model, &query, &documents).await }.boxed()
+    }
 }
 
-fn fill_go_template(template: &str, system: &str, prompt: &str, response: &str) -> String {
-    let mut text = template.to_string();
-    for (field, value) in [("System", system), ("Prompt", prompt), ("Response", response)] {
-        // {{ if .Field }}...{{ end }}
-        loop {
-            let Some(start) = find_tag(&text, &format!("if .{field}")) else { break };
-            let (open_start, open_end) = start;
-            let Some((end_start, end_end)) = find_tag(&text[open_end..], "end").map(|(s, e)| (s + open_end, e + open_end)) else { break };
-            let inner = text[open_end..end_start].to_string();
-            let replacement = if value.is_empty() { String::new() } else { inner };
-            text.replace_range(open_start..end_end, &replacement);
-        }
-        for spelling in [format!("{{{{ .{field} }}}}"), format!("{{{{.{field}}}}}")] {
-            text = text.replace(&spelling, value);
-        }
-    }
-    text
+/// An embedding model leased for indexing.
+struct LeasedEmbedder {
+    service: Service,
+    lease: Lease<Engine>,
+    frontend: Arc<EmbedFrontend>,
 }
 
-/// Finds `{{ body }}` (any spacing, `{{-` trims too) and returns its byte range.
-fn find_tag(text: &str, body: &str) -> Option<(usize, usize)> {
-    let mut from = 0;
-    while let Some(offset) = text[from..].find("{{") {
-        let start = from + offset;
-        let end = text[start..].find("}}")? + start + 2;
-        let inner = text[start + 2..end - 2].trim_matches(|c: char| c == '-' || c.is_whitespace());
-        if inner == body {
-            return Some((start, end));
-        }
-        from = end;
+impl EmbeddingSession for LeasedEmbedder {
+    fn tokenizer(&self) -> &tokenizers::Tokenizer {
+        &self.frontend.tokenizer
     }
-    None
+
+    fn dimensions(&self) -> usize {
+        self.frontend.dimensions
+    }
+
+    fn embed<'a>(&'a self, texts: &'a [String]) -> BoxFuture<'a, std::result::Result<Vec<Vec<f32>>, EmbedderError>> {
+        async move { self.service.embed_with(&self.lease, &self.frontend, texts).await.map_err(|e| Box::new(e) as EmbedderError) }.boxed()
+    }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn personality_system_and_few_shots_are_placed_around_the_request() {
-        let modelfile = Modelfile {
-            from: "base".into(),
-            system: Some("be a cat".into()),
-            messages: vec![crate::store::modelfile::Message { role: "user".into(), content: "hi".into() }, crate::store::modelfile::Message { role: "assistant".into(), content: "nyan".into() }],
-            ..Default::default()
-        };
-        let composed = Service::compose_messages(&modelfile, &[ChatMessage::new("user", "hello")]);
-        let roles: Vec<&str> = composed.iter().map(|m| m.role.as_str()).collect();
-        assert_eq!(roles, ["system", "user", "assistant", "user"]);
-        assert_eq!(composed[0].content, "be a cat");
-        // A request's own system message wins.
-        let composed = Service::compose_messages(&modelfile, &[ChatMessage::new("system", "be a dog"), ChatMessage::new("user", "hello")]);
-        assert_eq!(composed[0].content, "be a dog");
-        assert_eq!(composed.iter().filter(|m| m.role == "system").count(), 1);
-    }
-
-    #[test]
-    fn go_template_subset() {
-        let template = "{{ if .System }}<<SYS>>{{ .System }}<</SYS>>{{ end }}[INST] {{ .Prompt }} [/INST]{{ .Response }}";
-        assert_eq!(fill_go_template(template, "sys", "hi", ""), "<<SYS>>sys<</SYS>>[INST] hi [/INST]");
-        assert_eq!(fill_go_template(template, "", "hi", "yo"), "[INST] hi [/INST]yo");
+impl rag::Embedder for Service {
+    fn open<'a>(&'a self, model: &'a str) -> BoxFuture<'a, std::result::Result<Box<dyn EmbeddingSession>, EmbedderError>> {
+        async move {
+            let (lease, frontend) = self.embedding_model(model).await.map_err(|e| Box::new(e) as EmbedderError)?;
+            Ok(Box::new(LeasedEmbedder { service: self.clone(), lease, frontend }) as Box<dyn EmbeddingSession>)
+        }
+        .boxed()
     }
 }

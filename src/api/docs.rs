@@ -27,6 +27,14 @@ use super::AppState;
         super::openai::embeddings,
         super::openai::list_models,
         super::openai::get_model,
+        super::responses::create,
+        super::responses::retrieve,
+        super::responses::remove,
+        super::anthropic::messages,
+        super::anthropic::count_tokens,
+        super::tokens::tokenize,
+        super::tokens::detokenize,
+        super::tokens::rerank,
         super::ollama::generate,
         super::ollama::chat,
         super::ollama::embed,
@@ -49,18 +57,33 @@ use super::AppState;
         super::Version,
         super::error::OpenAiErrorBody,
         super::error::OpenAiErrorDetail,
-        super::error::SimpleErrorBody
+        super::error::SimpleErrorBody,
+        AnthropicErrorBody
     )),
     modifiers(&Security, &ErrorResponses),
     security(("api_key" = []), ("bearer" = [])),
     tags(
         (name = "server", description = "Server status"),
-        (name = "openai", description = "OpenAI-compatible API"),
+        (name = "openai", description = "OpenAI-compatible API (chat, completions, responses, embeddings, models)"),
+        (name = "anthropic", description = "Anthropic-compatible Messages API"),
+        (name = "tokens", description = "Tokenize, detokenize and rerank"),
         (name = "ollama", description = "Ollama-compatible API"),
         (name = "native", description = "mlxserver's own API")
     )
 )]
 pub struct ApiDoc;
+
+/// Anthropic's error object, for the OpenAPI document.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+struct AnthropicErrorBody {
+    /// Always `error`.
+    #[schema(example = "error")]
+    r#type: String,
+    /// `{"type": "not_found_error", "message": "..."}`.
+    #[schema(value_type = Object)]
+    error: serde_json::Value,
+}
 
 struct Security;
 
@@ -89,7 +112,11 @@ impl Modify for ErrorResponses {
             ("503", "Server busy or shutting down"),
         ];
         for (path, item) in openapi.paths.paths.iter_mut() {
-            let schema = if path.starts_with("/v1/") { "OpenAiErrorBody" } else { "SimpleErrorBody" };
+            let schema = match super::error::Family::of_path(path) {
+                super::error::Family::OpenAi => "OpenAiErrorBody",
+                super::error::Family::Anthropic => "AnthropicErrorBody",
+                super::error::Family::Ollama | super::error::Family::Native => "SimpleErrorBody",
+            };
             let operations = [&mut item.get, &mut item.post, &mut item.delete, &mut item.put, &mut item.head];
             for operation in operations.into_iter().flatten() {
                 if path == "/" || path == "/health" || path == "/api/version" {

@@ -15,22 +15,13 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use utoipa::ToSchema;
 
-/// The API families, which differ in error shape.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Family {
-    OpenAi,
-    Ollama,
-}
+/// The API families differ in error shape; the enum is the core's.
+pub use crate::answer::ApiFamily as Family;
 
-impl Family {
-    pub fn of_path(path: &str) -> Family {
-        if path == "/v1" || path.starts_with("/v1/") {
-            Family::OpenAi
-        } else {
-            Family::Ollama
-        }
-    }
-}
+/// A request's id: set on every request, sent back in `x-request-id`, and written beside
+/// the details of a server error in the log (the caller's body names only the id).
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
 
 /// An error answered over HTTP.
 #[derive(Debug, Clone, PartialEq)]
@@ -117,9 +108,40 @@ impl ApiError {
         ApiError { status, message, kind, code, param: None }
     }
 
+    /// Anthropic's `error.type` for this status.
+    fn anthropic_type(&self) -> &'static str {
+        match self.status.as_u16() {
+            400 | 405 | 408 | 415 | 422 => "invalid_request_error",
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            413 => "request_too_large",
+            429 => "rate_limit_error",
+            503 | 529 => "overloaded_error",
+            _ => "api_error",
+        }
+    }
+
+    /// A server error keeps its details for the log; the caller learns only that it
+    /// happened and the request id to quote.
+    pub fn public(mut self, request_id: Option<&str>) -> ApiError {
+        if self.status == StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::error!(request_id = request_id.unwrap_or("-"), detail = %self.message, "internal error");
+            self.message = match request_id {
+                Some(id) => format!("internal server error (request id {id}; the details are in the server log)"),
+                None => "internal server error (the details are in the server log)".to_string(),
+            };
+        }
+        self
+    }
+
     /// The JSON body of this error in `family`'s shape.
     pub fn body(&self, family: Family) -> serde_json::Value {
         match family {
+            Family::Anthropic => serde_json::json!({
+                "type": "error",
+                "error": { "type": self.anthropic_type(), "message": self.message },
+            }),
             Family::OpenAi => serde_json::json!({
                 "error": {
                     "message": self.message,
@@ -128,7 +150,7 @@ impl ApiError {
                     "code": self.code,
                 }
             }),
-            Family::Ollama => serde_json::json!({ "error": self.message }),
+            Family::Ollama | Family::Native => serde_json::json!({ "error": self.message }),
         }
     }
 
@@ -190,9 +212,10 @@ pub struct SimpleErrorBody {
 /// Writes error bodies in the shape of the request's API family.
 pub async fn shape_errors(request: Request, next: Next) -> Response {
     let family = Family::of_path(request.uri().path());
+    let request_id = request.extensions().get::<RequestId>().map(|id| id.0.clone());
     let mut response = next.run(request).await;
     if let Some(error) = response.extensions_mut().remove::<ApiError>() {
-        let mut shaped = error.render(family);
+        let mut shaped = error.public(request_id.as_deref()).render(family);
         copy_cors_headers(&response, &mut shaped);
         return shaped;
     }
@@ -274,6 +297,18 @@ mod tests {
         assert_eq!(Family::of_path("/v10"), Family::Ollama);
         assert_eq!(Family::of_path("/api/chat"), Family::Ollama);
         assert_eq!(Family::of_path("/generate"), Family::Ollama);
+        assert_eq!(Family::of_path("/v1/messages"), Family::Anthropic);
+        assert_eq!(Family::of_path("/v1/messages/count_tokens"), Family::Anthropic);
+    }
+
+    #[test]
+    fn anthropic_shape_and_no_internal_text() {
+        let body = ApiError::model_not_found("x").body(Family::Anthropic);
+        assert_eq!(body["type"], "error");
+        assert_eq!(body["error"]["type"], "not_found_error");
+        let error = ApiError::internal("/secret/path: mlx failure").public(Some("abc"));
+        assert!(!error.message.contains("secret") && error.message.contains("abc"), "{}", error.message);
+        assert_eq!(ApiError::bad_request("bad").public(None).message, "bad");
     }
 
     #[test]
@@ -286,4 +321,28 @@ mod tests {
         let body = ApiError::model_not_found("x").body(Family::Ollama);
         assert_eq!(body, serde_json::json!({"error": "model 'x' not found"}));
     }
+}
+
+/// Gives every request an id (the caller's `x-request-id` when it sends a sane one) and
+/// returns it in the response's `x-request-id`.
+pub async fn assign_request_id(mut request: Request, next: Next) -> Response {
+    let id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|value| value.to_str().ok())
+        .filter(|value| !value.is_empty() && value.len() <= 64 && value.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+    request.extensions_mut().insert(RequestId(id.clone()));
+    let mut response = next.run(request).await;
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert("x-request-id", value);
+    }
+    response
+}
+
+/// The body of an error that happens after a stream has started, in the family's shape
+/// (each family frames it: an SSE event, an NDJSON line, a plain-text line).
+pub fn stream_error(family: Family, error: crate::answer::ServiceError) -> serde_json::Value {
+    ApiError::from(error).public(None).body(family)
 }

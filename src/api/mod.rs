@@ -1,13 +1,18 @@
-//! The HTTP API: one router per family (`openai`, `ollama`, `native`), the server-wide routes
-//! (`/`, `/health`, `/api/version`, `/docs`, `/openapi.json`), and the layers every request
-//! passes through, added in one place in [`app`].
+//! The HTTP API: one router per family (`openai`, `responses`, `anthropic`, `ollama`,
+//! `native`, and `tokens` for tokenize/detokenize/rerank), each a translation over the
+//! shared [`Backend`]; the server-wide routes (`/`, `/health`, `/api/version`, `/docs`,
+//! `/openapi.json`); and the layers every request passes through, added in one place in
+//! [`app`].
 
+pub mod anthropic;
 pub mod docs;
 pub mod error;
 pub mod native;
 pub mod ollama;
 pub mod ollama_types;
 pub mod openai;
+pub mod responses;
+pub mod tokens;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,6 +34,7 @@ use utoipa::ToSchema;
 
 pub use error::{ApiError, ApiJson, Family};
 
+use crate::answer::Backend;
 use crate::config::Config;
 use crate::engine::EngineError;
 use crate::scheduler::SchedulerError;
@@ -39,7 +45,12 @@ use crate::store::{Modelfile, StoreError};
 #[derive(Clone)]
 pub struct AppState {
     pub config: Arc<Config>,
+    /// Answers, embeddings, tokens: what the API families translate to and from.
+    pub backend: Arc<dyn Backend>,
+    /// The store, scheduler and engine, for model management and status routes.
     pub service: Service,
+    /// Responses kept for `previous_response_id` and `GET /v1/responses/{id}`.
+    pub responses: responses::ResponseStore,
     pub started_at: Instant,
 }
 
@@ -47,7 +58,19 @@ impl AppState {
     /// Starts the engine and scheduler for `config` (needs a tokio runtime).
     pub fn new(config: Config) -> Self {
         let service = Service::start(config);
-        AppState { config: service.config.clone(), service, started_at: Instant::now() }
+        let backend: Arc<dyn Backend> = Arc::new(service.clone());
+        Self::assemble(service, backend)
+    }
+
+    /// Handlers over another backend (tests use scripted answers); model management still
+    /// goes to a service over `config`'s store, whose engine stays idle.
+    pub fn with_backend(config: Config, backend: Arc<dyn Backend>) -> Self {
+        Self::assemble(Service::start(config), backend)
+    }
+
+    fn assemble(service: Service, backend: Arc<dyn Backend>) -> Self {
+        let responses = responses::ResponseStore::new(responses::RESPONSES_KEPT);
+        AppState { config: service.config.clone(), backend, service, responses, started_at: Instant::now() }
     }
 }
 
@@ -76,6 +99,7 @@ impl From<ServiceError> for ApiError {
                 _ => ApiError::bad_request(error.to_string()),
             },
             ServiceError::BadRequest(detail) => ApiError::bad_request(detail),
+            ServiceError::NotFound(detail) => ApiError::not_found(detail),
         }
     }
 }
@@ -205,7 +229,13 @@ fn cors_layer(config: &Config) -> CorsLayer {
     CorsLayer::new()
         .allow_origin(allow_origin)
         .allow_methods([Method::GET, Method::POST, Method::DELETE, Method::HEAD, Method::OPTIONS])
-        .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION, "x-api-key".parse().expect("static header name")])
+        .allow_headers([
+            header::CONTENT_TYPE,
+            header::AUTHORIZATION,
+            "x-api-key".parse().expect("static header name"),
+            "anthropic-version".parse().expect("static header name"),
+            "x-request-id".parse().expect("static header name"),
+        ])
         .max_age(Duration::from_secs(3600))
 }
 
@@ -224,6 +254,9 @@ pub fn app(state: AppState) -> Router {
         .merge(base_routes())
         .merge(docs::router())
         .merge(openai::router())
+        .merge(responses::router())
+        .merge(anthropic::router())
+        .merge(tokens::router())
         .merge(ollama::router())
         .merge(native::router())
         .fallback(not_found)
@@ -247,7 +280,11 @@ pub fn with_layers(routes: Router, state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(state, count_requests))
         .layer(middleware::from_fn(error::shape_errors))
         .layer(cors_layer(&config))
-        .layer(TraceLayer::new_for_http())
+        .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
+            let id = request.extensions().get::<error::RequestId>().map(|id| id.0.as_str()).unwrap_or("-");
+            tracing::info_span!("request", method = %request.method(), uri = %request.uri().path(), request_id = %id)
+        }))
+        .layer(middleware::from_fn(error::assign_request_id))
 }
 
 fn base_routes() -> Router<AppState> {
@@ -352,24 +389,5 @@ mod tests {
         assert!(is_public("/docs/swagger-ui.css"));
         assert!(!is_public("/api/tags"));
         assert!(!is_public("/docsx"));
-    }
-}
-
-/// A generated token's log-probability as the APIs report it: the token as text and its
-/// likeliest alternatives as text.
-pub(crate) struct ReportedLogprob {
-    pub token: String,
-    pub logprob: f32,
-    pub top: Vec<(String, f32)>,
-}
-
-/// `text` is what the token added to the answer; it is empty while a multi-byte character
-/// is incomplete, and then the token's own decoding stands in.
-pub(crate) fn reported_logprob(tokenizer: &tokenizers::Tokenizer, text: &str, logprob: &crate::engine::TokenLogprob) -> ReportedLogprob {
-    let token_text = |id: u32| tokenizer.decode(&[id], false).unwrap_or_default();
-    ReportedLogprob {
-        token: if text.is_empty() { token_text(logprob.token) } else { text.to_string() },
-        logprob: logprob.logprob,
-        top: logprob.top.iter().map(|top| (token_text(top.token), top.logprob)).collect(),
     }
 }

@@ -15,13 +15,12 @@ use axum::Router;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::error::{json_response, ApiError, ApiJson};
+use super::error::{json_response, stream_error, ApiError, ApiJson, Family};
 use super::ollama_types::EmbedInput;
 use super::AppState;
-use crate::engine::{EngineEvent, FinishReason};
-use crate::rag::ingest::{Document, IngestOptions};
+use crate::answer::{AnswerEvent, ApiFamily, ChatMessage, ChatRequest, EmbedRequest, FinishReason, Options, RagOptions, ServiceError};
+use crate::rag::ingest::{Document, IngestError, IngestOptions};
 use crate::rag::{CollectionStatus, Source};
-use crate::service::{self, ChatMessage, Options, RagOptions, ServiceError};
 use crate::store::Parameters;
 
 pub fn router() -> Router<AppState> {
@@ -83,39 +82,38 @@ pub async fn generate(State(state): State<AppState>, ApiJson(request): ApiJson<G
         return Err(ApiError::invalid_param("prompt", "prompt must not be empty"));
     }
     let parameters = Parameters { num_predict: request.max_tokens.map(i64::from), ..Default::default() };
-    let (mut generation, _) = state
-        .service
-        .chat(service::ChatRequest {
+    let mut answer = state
+        .backend
+        .chat(ChatRequest {
             model: request.personality_name.clone(),
             messages: vec![ChatMessage::new("user", request.prompt)],
-            options: Options { defaults: Default::default(), parameters, logprobs: None, format: None },
-            keep_alive: None,
+            options: Options::new(ApiFamily::Native, parameters),
             rag,
             ..Default::default()
         })
         .await?;
-    let rag_asked = request.use_rag || request.rag.is_some();
-    let sources = generation.sources.clone();
     if request.stream {
         let body = async_stream::stream! {
-            while let Some(event) = generation.next().await {
+            while let Some(event) = answer.next().await {
                 match event {
-                    EngineEvent::Token { text, .. } => {
+                    AnswerEvent::Text { text, .. } => {
                         if !text.is_empty() { yield Ok::<_, std::convert::Infallible>(text.into_bytes()); }
                     }
-                    EngineEvent::Done(_) => {
+                    AnswerEvent::Reasoning(_) | AnswerEvent::ToolCalls(_) => {}
+                    AnswerEvent::Done(_) => {
                         // Sources close the plain-text answer, one line each.
-                        if rag_asked && !sources.is_empty() {
+                        if let Some(sources) = answer.sources.as_ref().filter(|s| !s.is_empty()) {
                             let mut tail = String::from("\n\nSources:\n");
-                            for source in &sources {
+                            for source in sources {
                                 tail.push_str(&format!("[{}] {}\n", source.index, source.source));
                             }
                             yield Ok(tail.into_bytes());
                         }
                         break;
                     }
-                    EngineEvent::Error(error) => {
-                        yield Ok(format!("\n[error] {error}\n").into_bytes());
+                    AnswerEvent::Error(error) => {
+                        let body = stream_error(Family::Native, error);
+                        yield Ok(format!("\n[error] {}\n", body["error"].as_str().unwrap_or("error")).into_bytes());
                         break;
                     }
                 }
@@ -126,18 +124,19 @@ pub async fn generate(State(state): State<AppState>, ApiJson(request): ApiJson<G
         response.headers_mut().insert("x-content-type-options", HeaderValue::from_static("nosniff"));
         return Ok(response);
     }
-    let collected = generation.collect(None).await?;
+    let sources = answer.sources.clone().unwrap_or_default();
+    let collected = answer.collect().await?;
     Ok(json_response(
         StatusCode::OK,
         &GenerateResponse {
             personality_name: request.personality_name,
             response: collected.text,
-            done_reason: match collected.completion.finish_reason {
-                FinishReason::Stop => "stop".into(),
+            done_reason: match collected.finish.reason {
                 FinishReason::Length => "length".into(),
+                FinishReason::Stop | FinishReason::ToolCalls => "stop".into(),
             },
-            prompt_tokens: collected.completion.prompt_tokens,
-            completion_tokens: collected.completion.completion_tokens,
+            prompt_tokens: collected.finish.usage.prompt_tokens,
+            completion_tokens: collected.finish.usage.completion_tokens,
             sources,
         },
     ))
@@ -166,7 +165,7 @@ pub async fn embeddings(State(state): State<AppState>, ApiJson(request): ApiJson
     if inputs.is_empty() {
         return Err(ApiError::invalid_param("input", "input must not be empty"));
     }
-    let result = state.service.embed(&request.model, &inputs, true, None).await?;
+    let result = state.backend.embed(EmbedRequest { model: request.model.clone(), inputs, truncate: true, keep_alive: None }).await?;
     let dimensions = result.vectors.first().map_or(0, Vec::len);
     Ok(json_response(StatusCode::OK, &EmbeddingsResponse { model: result.model, embeddings: result.vectors, dimensions }))
 }
@@ -222,14 +221,22 @@ pub async fn add_documents(State(state): State<AppState>, ApiJson(request): ApiJ
     };
     let options = IngestOptions { collection: collection.clone(), model, chunk_size: request.chunk_size.unwrap_or(256), overlap: request.overlap.unwrap_or(32) };
     let documents = request.documents.into_iter().map(|d| Document { source: d.source, text: d.text }).collect();
-    let (written, unchanged) = crate::rag::ingest::add_documents(rag, &state.service, &options, documents, &()).await.map_err(|e| match e {
-        crate::rag::ingest::IngestError::Rag(e) => ApiError::from(ServiceError::from(e)),
-        crate::rag::ingest::IngestError::Service(e) => ApiError::from(e),
-    })?;
+    let (written, unchanged) = crate::rag::ingest::add_documents(rag, &state.service, &options, documents, &()).await.map_err(ingest_error)?;
     Ok(json_response(
         StatusCode::OK,
         &AddDocumentsResponse { collection, added: written.iter().filter(|n| **n > 0).count(), unchanged, chunks: written.iter().sum() },
     ))
+}
+
+/// The embedder's errors are the service's own; anything else is the index's.
+fn ingest_error(error: IngestError) -> ApiError {
+    match error {
+        IngestError::Rag(error) => ApiError::from(ServiceError::from(error)),
+        IngestError::Embedder(error) => match error.downcast::<ServiceError>() {
+            Ok(error) => ApiError::from(*error),
+            Err(error) => ApiError::internal(error.to_string()),
+        },
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]

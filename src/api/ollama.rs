@@ -2,7 +2,6 @@
 //! shared [`Service`](crate::service::Service). Streams are NDJSON; an error before the first
 //! byte gets an HTTP status, after it an `{"error": ...}` line.
 
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use axum::body::Body;
@@ -14,13 +13,14 @@ use axum::Router;
 use futures::Stream;
 use serde::Serialize;
 
-use super::error::{json_response, ApiError, ApiJson};
+use super::error::{json_response, stream_error, ApiError, ApiJson, Family};
 use super::ollama_types::*;
 use super::AppState;
+use crate::answer::{self, Answer, AnswerEvent, ApiFamily, Finish, FinishReason, ServiceError};
 use crate::config::KeepAlive;
-use crate::engine::tools::{self, ToolCall, ToolChoice, ToolSpec};
-use crate::engine::{Completion, EngineEvent, FinishReason, ModelKind, TokenLogprob};
-use crate::service::{self, ChatMessage, Generation, Options as ServiceOptions, OutputFormat, RagOptions};
+use crate::engine::tools::{ToolCall, ToolChoice, ToolSpec};
+use crate::engine::ModelKind;
+use crate::service::{self, ChatMessage, Options as ServiceOptions, OutputFormat, RagOptions};
 use crate::store::{self, Entry};
 
 pub fn router() -> Router<AppState> {
@@ -56,7 +56,7 @@ fn options(value: &Option<Options>, format: &Option<FormatValue>, logprobs: Opti
         return Err(ApiError::invalid_param("top_logprobs", "top_logprobs must be between 0 and 20"));
     }
     let logprobs = (logprobs == Some(true)).then(|| top_logprobs.unwrap_or(0));
-    Ok(ServiceOptions { defaults: Default::default(), parameters: parameters.unwrap_or_default(), logprobs, format: output_format(format)? })
+    Ok(ServiceOptions { family: ApiFamily::Ollama, parameters: parameters.unwrap_or_default(), logprobs, format: output_format(format)? })
 }
 
 /// Ollama's `format`: "json", a JSON schema, or nothing.
@@ -80,34 +80,30 @@ fn reject_unsupported(images: bool, suffix: Option<&str>) -> Result<(), ApiError
     Ok(())
 }
 
-fn logprob(tokenizer: &tokenizers::Tokenizer, text: &str, logprob: &TokenLogprob) -> Logprob {
-    let reported = super::reported_logprob(tokenizer, text, logprob);
+fn logprob(logprob: &crate::answer::Logprob) -> Logprob {
     Logprob {
-        bytes: Some(reported.token.as_bytes().to_vec()),
-        token: reported.token,
-        logprob: reported.logprob,
-        top_logprobs: reported
-            .top
-            .into_iter()
-            .map(|(token, logprob)| TopLogprob { bytes: Some(token.as_bytes().to_vec()), token, logprob })
-            .collect(),
+        bytes: Some(logprob.token.as_bytes().to_vec()),
+        token: logprob.token.clone(),
+        logprob: logprob.logprob,
+        top_logprobs: logprob.top.iter().map(|(token, logprob)| TopLogprob { bytes: Some(token.as_bytes().to_vec()), token: token.clone(), logprob: *logprob }).collect(),
     }
 }
 
-fn metrics(generation_started: std::time::Instant, load: Duration, completion: &Completion) -> Metrics {
+fn metrics(started: std::time::Instant, load: Duration, finish: &Finish) -> Metrics {
     Metrics {
-        total_duration: Some(nanos(generation_started.elapsed())),
+        total_duration: Some(nanos(started.elapsed())),
         load_duration: Some(nanos(load)),
-        prompt_eval_count: Some(completion.prompt_tokens),
-        prompt_eval_duration: Some(nanos(completion.prompt_eval)),
-        eval_count: Some(completion.completion_tokens),
-        eval_duration: Some(nanos(completion.eval)),
+        prompt_eval_count: Some(finish.usage.prompt_tokens),
+        prompt_eval_duration: Some(nanos(finish.prompt_eval)),
+        eval_count: Some(finish.usage.completion_tokens),
+        eval_duration: Some(nanos(finish.eval)),
     }
 }
 
+/// Ollama reports a call as a normal stop.
 fn done_reason(reason: FinishReason) -> String {
     match reason {
-        FinishReason::Stop => "stop".into(),
+        FinishReason::Stop | FinishReason::ToolCalls => "stop".into(),
         FinishReason::Length => "length".into(),
     }
 }
@@ -154,6 +150,7 @@ pub async fn generate(State(state): State<AppState>, ApiJson(request): ApiJson<G
             model,
             created_at: rfc3339(SystemTime::now()),
             response: String::new(),
+            thinking: None,
             done: true,
             done_reason: Some(reason.into()),
             context: None,
@@ -163,101 +160,113 @@ pub async fn generate(State(state): State<AppState>, ApiJson(request): ApiJson<G
         };
         return Ok(json_response(StatusCode::OK, &response));
     }
-    let rag = request.rag.as_ref().map(RagOptions::from_value).transpose().map_err(|e| ApiError::invalid_param("rag", e))?.flatten();
+    let rag = rag_options(&request.rag)?;
     if rag.is_some() && request.raw.unwrap_or(false) {
         return Err(ApiError::invalid_param("rag", "rag cannot be combined with raw"));
     }
-    if let Some(rag) = rag {
+    let stream = request.stream.unwrap_or(true);
+    let answer = match rag {
         // With retrieval, a prompt is answered as a one-turn chat so the sources can be
         // placed in the system message.
-        let mut messages = Vec::new();
-        if let Some(system) = &request.system {
-            messages.push(ChatMessage::new("system", system.clone()));
+        Some(rag) => {
+            let mut messages = Vec::new();
+            if let Some(system) = &request.system {
+                messages.push(ChatMessage::new("system", system.clone()));
+            }
+            messages.push(ChatMessage::new("user", request.prompt.clone()));
+            let request = service::ChatRequest { model: request.model.clone(), messages, options, keep_alive, rag: Some(rag), think: request.think, ..Default::default() };
+            state.backend.chat(request).await?
         }
-        messages.push(ChatMessage::new("user", request.prompt.clone()));
-        let (generation, frontend) = state
-            .service
-            .chat(service::ChatRequest { model: request.model.clone(), messages, options, keep_alive, rag: Some(rag), ..Default::default() })
-            .await?;
-        return finish_generate(generation, frontend.tokenizer.clone(), request.stream.unwrap_or(true), true).await;
-    }
-    let (generation, frontend) = state
-        .service
-        .complete(service::CompletionRequest {
-            model: request.model.clone(),
-            prompt: request.prompt,
-            system: request.system,
-            template: request.template,
-            raw: request.raw.unwrap_or(false),
-            context: request.context.unwrap_or_default(),
-            options,
-            keep_alive,
-        })
-        .await?;
-    finish_generate(generation, frontend.tokenizer.clone(), request.stream.unwrap_or(true), false).await
-}
-
-async fn finish_generate(generation: Generation, tokenizer: Arc<tokenizers::Tokenizer>, stream: bool, rag_asked: bool) -> Result<Response, ApiError> {
+        None => {
+            let request = service::CompletionRequest {
+                model: request.model.clone(),
+                prompt: request.prompt,
+                system: request.system,
+                template: request.template,
+                raw: request.raw.unwrap_or(false),
+                context: request.context.unwrap_or_default(),
+                options,
+                keep_alive,
+            };
+            state.backend.complete(request).await?
+        }
+    };
     if stream {
-        return Ok(ndjson(generate_stream(generation, tokenizer, rag_asked)));
+        return Ok(ndjson(generate_stream(answer)));
     }
-    let model = generation.model.clone();
-    let started = generation.started;
-    let load = generation.load_duration;
-    let rag = sources_value(&generation.sources, rag_asked);
-    let mut context = generation.prompt_tokens.clone();
-    let collected = generation.collect(None).await?;
-    context.extend(&collected.completion.tokens);
+    let model = answer.model.clone();
+    let started = answer.started;
+    let load = answer.load_duration;
+    let rag = sources_value(answer.sources.as_deref());
+    let mut context = answer.prompt_tokens.clone();
+    let collected = answer.collect().await?;
+    context.extend(&collected.finish.tokens);
     let response = GenerateResponse {
         model,
         created_at: rfc3339(SystemTime::now()),
         response: collected.text,
+        thinking: (!collected.reasoning.is_empty()).then_some(collected.reasoning),
         done: true,
-        done_reason: Some(done_reason(collected.completion.finish_reason)),
+        done_reason: Some(done_reason(collected.finish.reason)),
         context: Some(context),
-        logprobs: logprobs_of(&tokenizer, &collected.logprobs),
-        metrics: metrics(started, load, &collected.completion),
+        logprobs: logprobs_of(&collected.logprobs),
+        metrics: metrics(started, load, &collected.finish),
         rag,
     };
     Ok(json_response(StatusCode::OK, &response))
 }
 
-fn logprobs_of(tokenizer: &tokenizers::Tokenizer, collected: &[(String, TokenLogprob)]) -> Option<Vec<Logprob>> {
-    (!collected.is_empty()).then(|| collected.iter().map(|(_, lp)| logprob(tokenizer, "", lp)).collect())
+/// Ollama's `rag` field, read the same way on every route: `true`, an object of options, or
+/// `false`/absent for none.
+fn rag_options(value: &Option<serde_json::Value>) -> Result<Option<RagOptions>, ApiError> {
+    Ok(value.as_ref().map(RagOptions::from_value).transpose().map_err(|e| ApiError::invalid_param("rag", e))?.flatten())
 }
 
-fn generate_stream(mut generation: Generation, tokenizer: Arc<tokenizers::Tokenizer>, rag_asked: bool) -> impl Stream<Item = serde_json::Value> + Send + 'static {
+fn logprobs_of(collected: &[crate::answer::Logprob]) -> Option<Vec<Logprob>> {
+    (!collected.is_empty()).then(|| collected.iter().map(logprob).collect())
+}
+
+/// The error line that ends an NDJSON stream.
+fn error_line(error: ServiceError) -> serde_json::Value {
+    stream_error(Family::Ollama, error)
+}
+
+fn generate_stream(mut answer: Answer) -> impl Stream<Item = serde_json::Value> + Send + 'static {
     async_stream::stream! {
-        let model = generation.model.clone();
-        let mut context = generation.prompt_tokens.clone();
-        while let Some(event) = generation.next().await {
+        let model = answer.model.clone();
+        let mut context = answer.prompt_tokens.clone();
+        while let Some(event) = answer.next().await {
             match event {
-                EngineEvent::Token { text, logprob: token_logprob, .. } => {
-                    if text.is_empty() && token_logprob.is_none() { continue; }
+                AnswerEvent::Text { text, logprob: token_logprob } => {
                     let mut chunk = serde_json::json!({"model": model, "created_at": rfc3339(SystemTime::now()), "response": text, "done": false});
                     if let Some(lp) = &token_logprob {
-                        chunk["logprobs"] = serde_json::json!([logprob(&tokenizer, &text, lp)]);
+                        chunk["logprobs"] = serde_json::json!([logprob(lp)]);
                     }
                     yield chunk;
                 }
-                EngineEvent::Done(completion) => {
-                    context.extend(&completion.tokens);
+                AnswerEvent::Reasoning(thinking) => {
+                    yield serde_json::json!({"model": model, "created_at": rfc3339(SystemTime::now()), "response": "", "thinking": thinking, "done": false});
+                }
+                AnswerEvent::ToolCalls(_) => {}
+                AnswerEvent::Done(finish) => {
+                    context.extend(&finish.tokens);
                     let response = GenerateResponse {
                         model: model.clone(),
                         created_at: rfc3339(SystemTime::now()),
                         response: String::new(),
+                        thinking: None,
                         done: true,
-                        done_reason: Some(done_reason(completion.finish_reason)),
+                        done_reason: Some(done_reason(finish.reason)),
                         context: Some(std::mem::take(&mut context)),
                         logprobs: None,
-                        metrics: metrics(generation.started, generation.load_duration, &completion),
-                        rag: sources_value(&generation.sources, rag_asked),
+                        metrics: metrics(answer.started, answer.load_duration, &finish),
+                        rag: sources_value(answer.sources.as_deref()),
                     };
                     yield serde_json::to_value(response).unwrap_or_default();
                     break;
                 }
-                EngineEvent::Error(error) => {
-                    yield serde_json::json!({"error": error.to_string()});
+                AnswerEvent::Error(error) => {
+                    yield error_line(error);
                     break;
                 }
             }
@@ -307,13 +316,6 @@ fn ollama_tool_calls(calls: &[ToolCall]) -> Vec<serde_json::Value> {
     calls.iter().map(|c| serde_json::json!({"id": c.id, "function": {"name": c.name, "arguments": c.arguments}})).collect()
 }
 
-/// The answer's message: tool calls when it made some, else its text.
-fn answer_message(text: String, tools: &[ToolSpec]) -> Message {
-    match tools::parse_offered_calls(&text, tools) {
-        Some((content, calls)) => Message { tool_calls: Some(ollama_tool_calls(&calls)), ..Message::assistant(content) },
-        None => Message::assistant(text),
-    }
-}
 
 /// Generate the next message of a chat.
 #[utoipa::path(post, path = "/api/chat", tag = "ollama", request_body = ChatRequest,
@@ -338,77 +340,83 @@ pub async fn chat(State(state): State<AppState>, ApiJson(request): ApiJson<ChatR
         };
         return Ok(json_response(StatusCode::OK, &response));
     }
-    let rag = request.rag.as_ref().map(RagOptions::from_value).transpose().map_err(|e| ApiError::invalid_param("rag", e))?.flatten();
-    let (generation, frontend) = state
-        .service
-        .chat(service::ChatRequest { model: request.model.clone(), messages, options, keep_alive, rag, tools: tools.clone(), tool_choice: ToolChoice::Auto })
+    let rag = rag_options(&request.rag)?;
+    let answer = state
+        .backend
+        .chat(service::ChatRequest { model: request.model.clone(), messages, options, keep_alive, rag, tools, tool_choice: ToolChoice::Auto, think: request.think })
         .await?;
+    let show_thinking = request.think != Some(false);
     if request.stream.unwrap_or(true) {
-        let asked = request.rag.as_ref().is_some_and(|r| !r.is_null() && *r != serde_json::Value::Bool(false));
-        return Ok(ndjson(chat_stream(generation, frontend.tokenizer.clone(), tools, asked)));
+        return Ok(ndjson(chat_stream(answer, show_thinking)));
     }
-    let model = generation.model.clone();
-    let started = generation.started;
-    let load = generation.load_duration;
-    let rag = sources_value(&generation.sources, request.rag.is_some());
-    let collected = generation.collect(None).await?;
+    let model = answer.model.clone();
+    let started = answer.started;
+    let load = answer.load_duration;
+    let rag = sources_value(answer.sources.as_deref());
+    let collected = answer.collect().await?;
+    let mut message = Message::assistant(collected.text);
+    if !collected.tool_calls.is_empty() {
+        message.tool_calls = Some(ollama_tool_calls(&collected.tool_calls));
+    }
+    if show_thinking && !collected.reasoning.is_empty() {
+        message.thinking = Some(collected.reasoning);
+    }
     let response = ChatResponse {
         model,
         created_at: rfc3339(SystemTime::now()),
-        message: answer_message(collected.text, &tools),
+        message,
         done: true,
-        done_reason: Some(done_reason(collected.completion.finish_reason)),
-        logprobs: logprobs_of(&frontend.tokenizer, &collected.logprobs),
-        metrics: metrics(started, load, &collected.completion),
+        done_reason: Some(done_reason(collected.finish.reason)),
+        logprobs: logprobs_of(&collected.logprobs),
+        metrics: metrics(started, load, &collected.finish),
         rag,
     };
     Ok(json_response(StatusCode::OK, &response))
 }
 
-/// The `rag` field of a final response: the sources the answer could cite.
-pub fn sources_value(sources: &[crate::rag::Source], asked: bool) -> Option<serde_json::Value> {
-    asked.then(|| serde_json::json!({ "sources": sources }))
+/// The `rag` field of a final response: the sources the answer could cite, when asked.
+pub fn sources_value(sources: Option<&[crate::rag::Source]>) -> Option<serde_json::Value> {
+    sources.map(|sources| serde_json::json!({ "sources": sources }))
 }
 
-fn chat_stream(mut generation: Generation, tokenizer: Arc<tokenizers::Tokenizer>, tools: Vec<ToolSpec>, rag_asked: bool) -> impl Stream<Item = serde_json::Value> + Send + 'static {
+fn chat_stream(mut answer: Answer, show_thinking: bool) -> impl Stream<Item = serde_json::Value> + Send + 'static {
     async_stream::stream! {
-        let model = generation.model.clone();
-        // With tools offered, text that may be the start of a call is held back until it
-        // is clearly not one; a call is sent whole, as Ollama does.
-        let mut holder = tools::CallHolder::new(!tools.is_empty());
-        while let Some(event) = generation.next().await {
+        let model = answer.model.clone();
+        let piece = |message: serde_json::Value| serde_json::json!({"model": model, "created_at": rfc3339(SystemTime::now()), "message": message, "done": false});
+        while let Some(event) = answer.next().await {
             match event {
-                EngineEvent::Token { text, logprob: token_logprob, .. } => {
-                    let logprobs = token_logprob.as_ref().map(|lp| vec![logprob(&tokenizer, &text, lp)]);
-                    let content = holder.push(text);
-                    if content.is_empty() && logprobs.is_none() { continue; }
-                    let mut chunk = serde_json::json!({"model": model, "created_at": rfc3339(SystemTime::now()), "message": {"role": "assistant", "content": content}, "done": false});
-                    if let Some(logprobs) = logprobs {
-                        chunk["logprobs"] = serde_json::json!(logprobs);
+                AnswerEvent::Text { text, logprob: token_logprob } => {
+                    let mut chunk = piece(serde_json::json!({"role": "assistant", "content": text}));
+                    if let Some(lp) = &token_logprob {
+                        chunk["logprobs"] = serde_json::json!([logprob(lp)]);
                     }
                     yield chunk;
                 }
-                EngineEvent::Done(completion) => {
-                    let held = holder.finish();
-                    if !held.is_empty() {
-                        let message = answer_message(held, &tools);
-                        yield serde_json::json!({"model": model, "created_at": rfc3339(SystemTime::now()), "message": message, "done": false});
+                AnswerEvent::Reasoning(thinking) => {
+                    if show_thinking {
+                        yield piece(serde_json::json!({"role": "assistant", "content": "", "thinking": thinking}));
                     }
+                }
+                // A call is sent whole, as Ollama does.
+                AnswerEvent::ToolCalls(calls) => {
+                    yield piece(serde_json::json!({"role": "assistant", "content": "", "tool_calls": ollama_tool_calls(&calls)}));
+                }
+                AnswerEvent::Done(finish) => {
                     let response = ChatResponse {
                         model: model.clone(),
                         created_at: rfc3339(SystemTime::now()),
                         message: Message::assistant(String::new()),
                         done: true,
-                        done_reason: Some(done_reason(completion.finish_reason)),
+                        done_reason: Some(done_reason(finish.reason)),
                         logprobs: None,
-                        metrics: metrics(generation.started, generation.load_duration, &completion),
-                        rag: sources_value(&generation.sources, rag_asked),
+                        metrics: metrics(answer.started, answer.load_duration, &finish),
+                        rag: sources_value(answer.sources.as_deref()),
                     };
                     yield serde_json::to_value(response).unwrap_or_default();
                     break;
                 }
-                EngineEvent::Error(error) => {
-                    yield serde_json::json!({"error": error.to_string()});
+                AnswerEvent::Error(error) => {
+                    yield error_line(error);
                     break;
                 }
             }
@@ -425,7 +433,7 @@ pub async fn embed(State(state): State<AppState>, ApiJson(request): ApiJson<Embe
     if inputs.is_empty() {
         return Err(ApiError::invalid_param("input", "input must not be empty"));
     }
-    let embeddings = state.service.embed(&request.model, &inputs, request.truncate.unwrap_or(true), keep_alive).await?;
+    let embeddings = state.backend.embed(answer::EmbedRequest { model: request.model.clone(), inputs, truncate: request.truncate.unwrap_or(true), keep_alive }).await?;
     if let Some(dimensions) = request.dimensions {
         let native = embeddings.vectors.first().map_or(0, Vec::len);
         if dimensions != native {
@@ -449,7 +457,7 @@ pub async fn embed(State(state): State<AppState>, ApiJson(request): ApiJson<Embe
     responses((status = 200, body = EmbeddingsResponse), (status = 404, body = super::error::SimpleErrorBody)))]
 pub async fn embeddings(State(state): State<AppState>, ApiJson(request): ApiJson<EmbeddingsRequest>) -> Result<Response, ApiError> {
     let keep_alive = keep_alive(&request.keep_alive)?;
-    let mut result = state.service.embed(&request.model, &[request.prompt], true, keep_alive).await?;
+    let mut result = state.backend.embed(answer::EmbedRequest { model: request.model.clone(), inputs: vec![request.prompt], truncate: true, keep_alive }).await?;
     let embedding = result.vectors.pop().unwrap_or_default();
     Ok(json_response(StatusCode::OK, &EmbeddingsResponse { embedding }))
 }

@@ -103,11 +103,14 @@ pub struct Message {
     /// On a `tool` turn: the function whose result this is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_name: Option<String>,
+    /// A reasoning model's thinking before its answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thinking: Option<String>,
 }
 
 impl Message {
     pub fn assistant(content: String) -> Message {
-        Message { role: "assistant".into(), content, images: None, tool_calls: None, tool_name: None }
+        Message { role: "assistant".into(), content, images: None, tool_calls: None, tool_name: None, thinking: None }
     }
 }
 
@@ -164,6 +167,10 @@ pub struct GenerateRequest {
     pub logprobs: Option<bool>,
     /// With `logprobs`: this many alternatives per token (0-20).
     pub top_logprobs: Option<usize>,
+    /// Reasoning models: return the thinking separately (`thinking`); false turns it off
+    /// where the template has a switch.
+    #[serde(default)]
+    pub think: Option<bool>,
     /// Retrieval-augmented generation (mlxserver extension).
     #[schema(value_type = Option<Object>)]
     pub rag: Option<serde_json::Value>,
@@ -188,6 +195,10 @@ pub struct ChatRequest {
     pub logprobs: Option<bool>,
     /// With `logprobs`: this many alternatives per token (0-20).
     pub top_logprobs: Option<usize>,
+    /// Reasoning models: return the thinking separately (`thinking`); false turns it off
+    /// where the template has a switch.
+    #[serde(default)]
+    pub think: Option<bool>,
     /// Retrieval-augmented generation (mlxserver extension).
     #[schema(value_type = Option<Object>)]
     pub rag: Option<serde_json::Value>,
@@ -217,6 +228,9 @@ pub struct GenerateResponse {
     /// RFC 3339 time.
     pub created_at: String,
     pub response: String,
+    /// A reasoning model's thinking (with `think`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thinking: Option<String>,
     pub done: bool,
     /// `stop`, `length`, `load` or `unload`, on the final object.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -34,11 +34,13 @@ use base64::Engine as _;
 use futures::Stream;
 use serde::Deserialize;
 
-use super::error::{json_response, ApiError, ApiJson, Family};
+use super::error::{json_response, stream_error, ApiError, ApiJson, Family};
 use super::AppState;
-use crate::engine::tools::{self, ToolCall, ToolChoice, ToolSpec};
-use crate::engine::{EngineEvent, FinishReason, TokenLogprob};
-use crate::service::{self, ChatMessage, Collected, Generation, Options, OutputFormat, RagOptions};
+use crate::answer::{
+    Answer, AnswerEvent, ApiFamily, ChatMessage, ChatRequest, CompletionRequest, EmbedRequest, FinishReason, Logprob, Options, OutputFormat,
+    RagOptions, ServiceError, Usage,
+};
+use crate::engine::tools::{ToolCall, ToolChoice, ToolSpec};
 use crate::store::{Entry, Parameters};
 
 pub fn router() -> Router<AppState> {
@@ -203,7 +205,7 @@ fn chat_options(body: &ChatCompletionBody) -> Result<Options, ApiError> {
         ..Default::default()
     };
     let logprobs = (request.logprobs == Some(true)).then(|| top_logprobs.unwrap_or(0));
-    Ok(Options { defaults: openai_defaults(), parameters, logprobs, format })
+    Ok(Options { family: ApiFamily::OpenAi, parameters, logprobs, format })
 }
 
 fn tools_of(request: &CreateChatCompletionRequest) -> Result<(Vec<ToolSpec>, ToolChoice), ApiError> {
@@ -253,42 +255,35 @@ fn tool_call_chunks(calls: &[ToolCall]) -> Vec<ChatCompletionMessageToolCallChun
         .collect()
 }
 
-/// OpenAI's sampling defaults: temperature 1, nucleus 1, no top-k and no repeat penalty
-/// (Ollama's 0.8 / 40 / 1.1 defaults apply on /api routes). A personality's PARAMETERs still
-/// come on top.
-fn openai_defaults() -> Parameters {
-    Parameters { temperature: Some(1.0), top_p: Some(1.0), top_k: Some(0), repeat_penalty: Some(1.0), ..Default::default() }
-}
-
 fn finish_reason(reason: FinishReason) -> OpenAiFinishReason {
     match reason {
         FinishReason::Stop => OpenAiFinishReason::Stop,
         FinishReason::Length => OpenAiFinishReason::Length,
+        FinishReason::ToolCalls => OpenAiFinishReason::ToolCalls,
     }
 }
 
-fn usage(prompt: usize, completion: usize) -> CompletionUsage {
-    CompletionUsage { prompt_tokens: prompt as u32, completion_tokens: completion as u32, total_tokens: (prompt + completion) as u32, ..Default::default() }
+fn usage(usage: &Usage) -> CompletionUsage {
+    CompletionUsage {
+        prompt_tokens: usage.prompt_tokens as u32,
+        completion_tokens: usage.completion_tokens as u32,
+        total_tokens: (usage.prompt_tokens + usage.completion_tokens) as u32,
+        ..Default::default()
+    }
 }
 
-fn token_logprob(tokenizer: &tokenizers::Tokenizer, text: &str, logprob: &TokenLogprob) -> ChatCompletionTokenLogprob {
-    let reported = super::reported_logprob(tokenizer, text, logprob);
+fn token_logprob(logprob: &Logprob) -> ChatCompletionTokenLogprob {
     ChatCompletionTokenLogprob {
-        bytes: Some(reported.token.as_bytes().to_vec()),
-        token: reported.token,
-        logprob: reported.logprob,
-        top_logprobs: reported
-            .top
-            .into_iter()
-            .map(|(token, logprob)| TopLogprobs { bytes: Some(token.as_bytes().to_vec()), token, logprob })
-            .collect(),
+        bytes: Some(logprob.token.as_bytes().to_vec()),
+        token: logprob.token.clone(),
+        logprob: logprob.logprob,
+        top_logprobs: logprob.top.iter().map(|(token, logprob)| TopLogprobs { bytes: Some(token.as_bytes().to_vec()), token: token.clone(), logprob: *logprob }).collect(),
     }
 }
 
 /// An OpenAI error as an SSE event (after the stream has started).
-fn error_event(error: &impl std::fmt::Display) -> Event {
-    let body = ApiError::internal(error.to_string()).body(Family::OpenAi);
-    Event::default().data(body.to_string())
+fn error_event(error: ServiceError) -> Event {
+    Event::default().data(stream_error(Family::OpenAi, error).to_string())
 }
 
 fn sse<S>(stream: S) -> Response
@@ -316,57 +311,48 @@ pub async fn chat_completions(State(state): State<AppState>, ApiJson(body): ApiJ
     let stream = request.stream.unwrap_or(false);
     let include_usage = request.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
     let rag = body.rag.as_ref().map(RagOptions::from_value).transpose().map_err(|e| ApiError::invalid_param("rag", e))?.flatten();
-    let rag_asked = rag.is_some();
-    let (generation, frontend) = state
-        .service
-        .chat(service::ChatRequest { model: request.model.clone(), messages, options, keep_alive, rag, tools: tools.clone(), tool_choice: tool_choice.clone() })
+    let answer = state
+        .backend
+        .chat(ChatRequest { model: request.model.clone(), messages, options, keep_alive, rag, tools, tool_choice, think: None })
         .await?;
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
-    let offered = if tool_choice == ToolChoice::None { Vec::new() } else { tools };
     if stream {
-        return Ok(sse(chat_stream(generation, frontend.tokenizer.clone(), id, include_usage, rag_asked, offered)));
+        return Ok(sse(chat_stream(answer, id, include_usage)));
     }
-    let rag_value = rag_asked.then(|| serde_json::json!({ "sources": generation.sources }));
-    let model = generation.model.clone();
-    let created = unix_seconds(generation.created);
-    let Collected { text, logprobs, completion } = generation.collect(None).await?;
-    let logprobs = (!logprobs.is_empty()).then(|| ChatChoiceLogprobs {
-        content: Some(logprobs.iter().map(|(_, lp)| token_logprob(&frontend.tokenizer, "", lp)).collect()),
-        refusal: None,
-    });
-    let (message, finish) = match tools::parse_offered_calls(&text, &offered) {
-        Some((content, calls)) => (
-            ChatCompletionResponseMessage {
-                content: (!content.is_empty()).then_some(content),
-                tool_calls: Some(openai_tool_calls(&calls)),
-                role: Role::Assistant,
-                ..Default::default()
-            },
-            OpenAiFinishReason::ToolCalls,
-        ),
-        None => (ChatCompletionResponseMessage { content: Some(text), role: Role::Assistant, ..Default::default() }, finish_reason(completion.finish_reason)),
+    let rag_value = answer.sources.as_ref().map(|sources| serde_json::json!({ "sources": sources }));
+    let model = answer.model.clone();
+    let created = unix_seconds(answer.created);
+    let collected = answer.collect().await?;
+    let logprobs = (!collected.logprobs.is_empty()).then(|| ChatChoiceLogprobs { content: Some(collected.logprobs.iter().map(token_logprob).collect()), refusal: None });
+    let calls = !collected.tool_calls.is_empty();
+    let message = ChatCompletionResponseMessage {
+        content: (!calls || !collected.text.is_empty()).then(|| collected.text.clone()),
+        tool_calls: calls.then(|| openai_tool_calls(&collected.tool_calls)),
+        role: Role::Assistant,
+        ..Default::default()
     };
     let response = CreateChatCompletionResponse {
         id,
         object: "chat.completion".into(),
         created,
         model,
-        choices: vec![ChatChoice { index: 0, message, finish_reason: Some(finish), logprobs }],
-        usage: Some(usage(completion.prompt_tokens, completion.completion_tokens)),
+        choices: vec![ChatChoice { index: 0, message, finish_reason: Some(finish_reason(collected.finish.reason)), logprobs }],
+        usage: Some(usage(&collected.finish.usage)),
         ..Default::default()
     };
-    match rag_value {
-        // The sources travel in an extra field that OpenAI SDKs keep (`model_extra`).
-        Some(rag) => {
-            let mut value = serde_json::to_value(&response).map_err(|e| ApiError::internal(e.to_string()))?;
-            value["rag"] = rag;
-            Ok(json_response(StatusCode::OK, &value))
-        }
-        None => Ok(json_response(StatusCode::OK, &response)),
+    let mut value = serde_json::to_value(&response).map_err(|e| ApiError::internal(e.to_string()))?;
+    if !collected.reasoning.is_empty() {
+        // The field reasoning servers (vLLM, DeepSeek) use; SDKs keep it in `model_extra`.
+        value["choices"][0]["message"]["reasoning_content"] = collected.reasoning.into();
     }
+    // The sources travel in an extra field that OpenAI SDKs keep (`model_extra`).
+    if let Some(rag) = rag_value {
+        value["rag"] = rag;
+    }
+    Ok(json_response(StatusCode::OK, &value))
 }
 
-fn chat_chunk(id: &str, model: &str, created: u32, delta: ChatCompletionStreamResponseDelta, finish: Option<OpenAiFinishReason>, logprobs: Option<ChatChoiceLogprobs>) -> Event {
+fn chat_chunk(id: &str, model: &str, created: u32, delta: ChatCompletionStreamResponseDelta, finish: Option<OpenAiFinishReason>, logprobs: Option<ChatChoiceLogprobs>) -> serde_json::Value {
     let chunk = CreateChatCompletionStreamResponse {
         id: id.to_string(),
         object: "chat.completion.chunk".into(),
@@ -375,57 +361,43 @@ fn chat_chunk(id: &str, model: &str, created: u32, delta: ChatCompletionStreamRe
         choices: vec![ChatChoiceStream { index: 0, delta, finish_reason: finish, logprobs }],
         ..Default::default()
     };
-    Event::default().data(serde_json::to_string(&chunk).unwrap_or_default())
+    serde_json::to_value(&chunk).unwrap_or_default()
 }
 
-fn chat_stream(mut generation: Generation, tokenizer: std::sync::Arc<tokenizers::Tokenizer>, id: String, include_usage: bool, rag_asked: bool, tools: Vec<ToolSpec>) -> impl Stream<Item = Event> + Send + 'static {
+fn data(value: serde_json::Value) -> Event {
+    Event::default().data(value.to_string())
+}
+
+/// Chat completion chunks: a role chunk, content deltas (reasoning as `reasoning_content`),
+/// whole tool calls, a finish chunk (with `rag` sources when asked), optional usage, `[DONE]`.
+fn chat_stream(mut answer: Answer, id: String, include_usage: bool) -> impl Stream<Item = Event> + Send + 'static {
     async_stream::stream! {
-        let model = generation.model.clone();
-        let created = unix_seconds(generation.created);
+        let model = answer.model.clone();
+        let created = unix_seconds(answer.created);
         let role = ChatCompletionStreamResponseDelta { role: Some(Role::Assistant), content: Some(String::new()), ..Default::default() };
-        yield chat_chunk(&id, &model, created, role, None, None);
-        // With tools offered, text that may open a call is held until it clearly does not;
-        // a call goes out as tool_calls deltas once it is complete.
-        let mut holder = tools::CallHolder::new(!tools.is_empty());
-        let mut called = false;
-        while let Some(event) = generation.next().await {
+        yield data(chat_chunk(&id, &model, created, role, None, None));
+        while let Some(event) = answer.next().await {
             match event {
-                EngineEvent::Token { text, logprob, .. } => {
-                    let logprobs = logprob.map(|lp| ChatChoiceLogprobs { content: Some(vec![token_logprob(&tokenizer, &text, &lp)]), refusal: None });
-                    let text = holder.push(text);
-                    if text.is_empty() && logprobs.is_none() { continue; }
+                AnswerEvent::Text { text, logprob } => {
+                    let logprobs = logprob.as_ref().map(|lp| ChatChoiceLogprobs { content: Some(vec![token_logprob(lp)]), refusal: None });
                     let delta = ChatCompletionStreamResponseDelta { content: Some(text), ..Default::default() };
-                    yield chat_chunk(&id, &model, created, delta, None, logprobs);
+                    yield data(chat_chunk(&id, &model, created, delta, None, logprobs));
                 }
-                EngineEvent::Done(completion) => {
-                    let held = holder.finish();
-                    if !held.is_empty() {
-                        let delta = match tools::parse_offered_calls(&held, &tools) {
-                            Some((_, calls)) => {
-                                called = true;
-                                ChatCompletionStreamResponseDelta { tool_calls: Some(tool_call_chunks(&calls)), ..Default::default() }
-                            }
-                            None => ChatCompletionStreamResponseDelta { content: Some(held), ..Default::default() },
-                        };
-                        yield chat_chunk(&id, &model, created, delta, None, None);
+                AnswerEvent::Reasoning(text) => {
+                    let mut chunk = chat_chunk(&id, &model, created, ChatCompletionStreamResponseDelta::default(), None, None);
+                    chunk["choices"][0]["delta"]["reasoning_content"] = text.into();
+                    yield data(chunk);
+                }
+                AnswerEvent::ToolCalls(calls) => {
+                    let delta = ChatCompletionStreamResponseDelta { tool_calls: Some(tool_call_chunks(&calls)), ..Default::default() };
+                    yield data(chat_chunk(&id, &model, created, delta, None, None));
+                }
+                AnswerEvent::Done(finish) => {
+                    let mut last = chat_chunk(&id, &model, created, ChatCompletionStreamResponseDelta::default(), Some(finish_reason(finish.reason)), None);
+                    if let Some(sources) = &answer.sources {
+                        last["rag"] = serde_json::json!({ "sources": sources });
                     }
-                    let finish = if called { OpenAiFinishReason::ToolCalls } else { finish_reason(completion.finish_reason) };
-                    let last = chat_chunk(&id, &model, created, ChatCompletionStreamResponseDelta::default(), Some(finish), None);
-                    if rag_asked {
-                        let chunk = CreateChatCompletionStreamResponse {
-                            id: id.clone(),
-                            object: "chat.completion.chunk".into(),
-                            created,
-                            model: model.clone(),
-                            choices: vec![ChatChoiceStream { index: 0, delta: ChatCompletionStreamResponseDelta::default(), finish_reason: Some(finish), logprobs: None }],
-                            ..Default::default()
-                        };
-                        let mut value = serde_json::to_value(&chunk).unwrap_or_default();
-                        value["rag"] = serde_json::json!({ "sources": generation.sources });
-                        yield Event::default().data(value.to_string());
-                    } else {
-                        yield last;
-                    }
+                    yield data(last);
                     if include_usage {
                         let chunk = CreateChatCompletionStreamResponse {
                             id: id.clone(),
@@ -433,15 +405,15 @@ fn chat_stream(mut generation: Generation, tokenizer: std::sync::Arc<tokenizers:
                             created,
                             model: model.clone(),
                             choices: Vec::new(),
-                            usage: Some(usage(completion.prompt_tokens, completion.completion_tokens)),
+                            usage: Some(usage(&finish.usage)),
                             ..Default::default()
                         };
-                        yield Event::default().data(serde_json::to_string(&chunk).unwrap_or_default());
+                        yield data(serde_json::to_value(&chunk).unwrap_or_default());
                     }
                     break;
                 }
-                EngineEvent::Error(error) => {
-                    yield error_event(&error);
+                AnswerEvent::Error(error) => {
+                    yield error_event(error);
                     break;
                 }
             }
@@ -496,18 +468,18 @@ pub async fn completions(State(state): State<AppState>, ApiJson(body): ApiJson<C
         presence_penalty: request.presence_penalty,
         frequency_penalty: request.frequency_penalty,
         seed: request.seed.map(|s| s as u64),
-        num_predict: Some(i64::from(request.max_tokens.unwrap_or(16))),
+        num_predict: request.max_tokens.map(i64::from),
         stop: stops(&request.stop),
         ..Default::default()
     };
     let keep_alive = body.keep_alive.as_ref().map(|k| k.parse().map_err(|e| ApiError::invalid_param("keep_alive", e))).transpose()?;
-    let (generation, frontend) = state
-        .service
-        .complete(service::CompletionRequest {
+    let answer = state
+        .backend
+        .complete(CompletionRequest {
             model: request.model.clone(),
             prompt,
             raw: true,
-            options: Options { defaults: openai_defaults(), parameters, logprobs, format: None },
+            options: Options { family: ApiFamily::OpenAi, parameters, logprobs, format: None },
             keep_alive,
             ..Default::default()
         })
@@ -515,11 +487,11 @@ pub async fn completions(State(state): State<AppState>, ApiJson(body): ApiJson<C
     let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
     let include_usage = request.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
     if request.stream.unwrap_or(false) {
-        return Ok(sse(completion_stream(generation, frontend.tokenizer.clone(), id, include_usage)));
+        return Ok(sse(completion_stream(answer, id, include_usage)));
     }
-    let model = generation.model.clone();
-    let created = unix_seconds(generation.created);
-    let collected = generation.collect(None).await?;
+    let model = answer.model.clone();
+    let created = unix_seconds(answer.created);
+    let collected = answer.collect().await?;
     #[allow(deprecated)]
     let response = CreateCompletionResponse {
         id,
@@ -527,12 +499,12 @@ pub async fn completions(State(state): State<AppState>, ApiJson(body): ApiJson<C
         created,
         model,
         choices: vec![Choice {
-            logprobs: (!collected.logprobs.is_empty()).then(|| legacy_logprobs(&frontend.tokenizer, &collected.logprobs, 0)),
+            logprobs: (!collected.logprobs.is_empty()).then(|| legacy_logprobs(&collected.logprobs, 0)),
             text: collected.text,
             index: 0,
-            finish_reason: Some(completion_finish(collected.completion.finish_reason)),
+            finish_reason: Some(completion_finish(collected.finish.reason)),
         }],
-        usage: Some(usage(collected.completion.prompt_tokens, collected.completion.completion_tokens)),
+        usage: Some(usage(&collected.finish.usage)),
         system_fingerprint: None,
     };
     Ok(json_response(StatusCode::OK, &response))
@@ -540,31 +512,30 @@ pub async fn completions(State(state): State<AppState>, ApiJson(body): ApiJson<C
 
 fn completion_finish(reason: FinishReason) -> CompletionFinishReason {
     match reason {
-        FinishReason::Stop => CompletionFinishReason::Stop,
         FinishReason::Length => CompletionFinishReason::Length,
+        FinishReason::Stop | FinishReason::ToolCalls => CompletionFinishReason::Stop,
     }
 }
 
 /// The legacy completions shape: parallel lists, alternatives as `{token: logprob}` maps, and
 /// each token's character offset in the answer (counted from `offset`).
-fn legacy_logprobs(tokenizer: &tokenizers::Tokenizer, entries: &[(String, TokenLogprob)], mut offset: u32) -> Logprobs {
+fn legacy_logprobs(entries: &[Logprob], mut offset: u32) -> Logprobs {
     let mut logprobs = Logprobs { tokens: Vec::new(), token_logprobs: Vec::new(), top_logprobs: Vec::new(), text_offset: Vec::new() };
-    for (text, entry) in entries {
-        let reported = super::reported_logprob(tokenizer, text, entry);
+    for entry in entries {
         logprobs.text_offset.push(offset);
-        offset += text.chars().count() as u32;
-        let top: serde_json::Map<String, serde_json::Value> = reported.top.into_iter().map(|(token, logprob)| (token, serde_json::json!(logprob))).collect();
+        offset += entry.token.chars().count() as u32;
+        let top: serde_json::Map<String, serde_json::Value> = entry.top.iter().map(|(token, logprob)| (token.clone(), serde_json::json!(logprob))).collect();
         logprobs.top_logprobs.push(serde_json::Value::Object(top));
-        logprobs.tokens.push(reported.token);
-        logprobs.token_logprobs.push(Some(reported.logprob));
+        logprobs.tokens.push(entry.token.clone());
+        logprobs.token_logprobs.push(Some(entry.logprob));
     }
     logprobs
 }
 
-fn completion_stream(mut generation: Generation, tokenizer: std::sync::Arc<tokenizers::Tokenizer>, id: String, include_usage: bool) -> impl Stream<Item = Event> + Send + 'static {
+fn completion_stream(mut answer: Answer, id: String, include_usage: bool) -> impl Stream<Item = Event> + Send + 'static {
     async_stream::stream! {
-        let model = generation.model.clone();
-        let created = unix_seconds(generation.created);
+        let model = answer.model.clone();
+        let created = unix_seconds(answer.created);
         let chunk = |text: String, logprobs: Option<Logprobs>, finish: Option<CompletionFinishReason>, usage: Option<CompletionUsage>, choices: bool| {
             let value = serde_json::json!({
                 "id": id, "object": "text_completion", "created": created, "model": model,
@@ -574,23 +545,23 @@ fn completion_stream(mut generation: Generation, tokenizer: std::sync::Arc<token
             Event::default().data(value.to_string())
         };
         let mut offset = 0u32;
-        while let Some(event) = generation.next().await {
+        while let Some(event) = answer.next().await {
             match event {
-                EngineEvent::Token { text, logprob, .. } => {
-                    if text.is_empty() && logprob.is_none() { continue; }
-                    let logprobs = logprob.map(|lp| legacy_logprobs(&tokenizer, &[(text.clone(), lp)], offset));
+                AnswerEvent::Text { text, logprob } => {
+                    let logprobs = logprob.map(|lp| legacy_logprobs(std::slice::from_ref(&lp), offset));
                     offset += text.chars().count() as u32;
                     yield chunk(text, logprobs, None, None, true);
                 }
-                EngineEvent::Done(completion) => {
-                    yield chunk(String::new(), None, Some(completion_finish(completion.finish_reason)), None, true);
+                AnswerEvent::Reasoning(_) | AnswerEvent::ToolCalls(_) => {}
+                AnswerEvent::Done(finish) => {
+                    yield chunk(String::new(), None, Some(completion_finish(finish.reason)), None, true);
                     if include_usage {
-                        yield chunk(String::new(), None, None, Some(usage(completion.prompt_tokens, completion.completion_tokens)), false);
+                        yield chunk(String::new(), None, None, Some(usage(&finish.usage)), false);
                     }
                     break;
                 }
-                EngineEvent::Error(error) => {
-                    yield error_event(&error);
+                AnswerEvent::Error(error) => {
+                    yield error_event(error);
                     break;
                 }
             }
@@ -641,7 +612,7 @@ pub async fn embeddings(State(state): State<AppState>, ApiJson(request): ApiJson
     if inputs.is_empty() {
         return Err(ApiError::invalid_param("input", "input must not be empty"));
     }
-    let result = state.service.embed(&request.model, &inputs, true, None).await?;
+    let result = state.backend.embed(EmbedRequest { model: request.model.clone(), inputs, truncate: true, keep_alive: None }).await?;
     let native = result.vectors.first().map_or(0, Vec::len);
     if let Some(dimensions) = request.dimensions {
         if dimensions as usize != native {

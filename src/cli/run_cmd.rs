@@ -16,9 +16,9 @@ use serde_json::{json, Value};
 
 use super::{CliError, CliResult, RunArgs};
 use crate::config::Config;
-use crate::engine::EngineEvent;
+use crate::answer::{AnswerEvent, ApiFamily, ChatMessage, ChatRequest, Options, RagOptions};
 use crate::rag::Source;
-use crate::service::{ChatMessage, ChatRequest, Options, RagOptions, Service};
+use crate::service::Service;
 use crate::store::Parameters;
 use crate::{msg, t};
 
@@ -128,35 +128,40 @@ impl Backend {
                 let request = ChatRequest {
                     model: model.to_string(),
                     messages: messages.to_vec(),
-                    options: Options { defaults: Default::default(), parameters: parameters.clone(), logprobs: None, format: None },
-                    keep_alive: None,
+                    options: Options::new(ApiFamily::Native, parameters.clone()),
                     rag: rag.cloned(),
                     ..Default::default()
                 };
-                let (mut generation, _) = service.chat(request).await.map_err(|e| CliError(e.msg()))?;
+                let mut generation = service.chat(request).await.map_err(|e| CliError(e.msg()))?;
                 answer.load = generation.load_duration;
-                answer.sources = generation.sources.clone();
+                answer.sources = generation.sources.clone().unwrap_or_default();
                 loop {
                     let event = tokio::select! {
                         event = generation.next() => event,
                         _ = &mut interrupt => { answer.interrupted = true; break; }
                     };
                     match event {
-                        Some(EngineEvent::Token { text, .. }) => {
+                        Some(AnswerEvent::Text { text, .. }) => {
                             if !text.is_empty() {
                                 answer.text.push_str(&text);
                                 let _ = write!(out, "{text}");
                                 let _ = out.flush();
                             }
                         }
-                        Some(EngineEvent::Done(done)) => {
-                            answer.prompt_tokens = done.prompt_tokens;
-                            answer.completion_tokens = done.completion_tokens;
+                        Some(AnswerEvent::Reasoning(text)) => {
+                            // Thinking is shown dimmed and kept out of the history.
+                            let _ = write!(out, "\x1b[2m{text}\x1b[0m");
+                            let _ = out.flush();
+                        }
+                        Some(AnswerEvent::ToolCalls(_)) => {}
+                        Some(AnswerEvent::Done(done)) => {
+                            answer.prompt_tokens = done.usage.prompt_tokens;
+                            answer.completion_tokens = done.usage.completion_tokens;
                             answer.prompt_eval = done.prompt_eval;
                             answer.eval = done.eval;
                             break;
                         }
-                        Some(EngineEvent::Error(error)) => return Err(CliError(error.msg())),
+                        Some(AnswerEvent::Error(error)) => return Err(CliError(error.msg())),
                         None => break,
                     }
                 }

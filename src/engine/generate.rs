@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::mpsc::Sender;
 
 use super::nn::KvCache;
 use super::sampling::{log_softmax, Sampler};
@@ -24,14 +24,15 @@ impl StopMatcher {
         StopMatcher { stops: stops.into_iter().filter(|s| !s.is_empty()).collect(), held: String::new() }
     }
 
-    /// Adds `text`; returns what may be shown now and whether a stop string was reached.
-    pub fn push(&mut self, text: &str) -> (String, bool) {
+    /// Adds `text`; returns what may be shown now and the stop string reached, if one was.
+    pub fn push(&mut self, text: &str) -> (String, Option<String>) {
         self.held.push_str(text);
-        let earliest = self.stops.iter().filter_map(|stop| self.held.find(stop.as_str())).min();
-        if let Some(position) = earliest {
+        let earliest = self.stops.iter().filter_map(|stop| self.held.find(stop.as_str()).map(|at| (at, stop))).min_by_key(|(at, _)| *at);
+        if let Some((position, stop)) = earliest {
             let shown = self.held[..position].to_string();
+            let stop = stop.clone();
             self.held.clear();
-            return (shown, true);
+            return (shown, Some(stop));
         }
         // Keep the longest tail that is a prefix of some stop string.
         let mut keep = 0;
@@ -46,7 +47,7 @@ impl StopMatcher {
         let cut = self.held.len() - keep;
         let shown = self.held[..cut].to_string();
         self.held.drain(..cut);
-        (shown, false)
+        (shown, None)
     }
 
     /// Whatever is still held once generation ends without a stop string.
@@ -69,7 +70,7 @@ pub struct Sequence {
     context_limit: usize,
     stop: StopMatcher,
     decoder: IncrementalDecoder,
-    events: UnboundedSender<EngineEvent>,
+    events: Sender<EngineEvent>,
     eos_token_ids: Arc<Vec<u32>>,
     logprobs: Option<usize>,
     /// The grammar the output must follow, if the request set one.
@@ -96,8 +97,8 @@ impl Sequence {
         decoder: IncrementalDecoder,
         eos_token_ids: Arc<Vec<u32>>,
         model_context: usize,
-        events: UnboundedSender<EngineEvent>,
-    ) -> Result<Sequence, (EngineError, UnboundedSender<EngineEvent>)> {
+        events: Sender<EngineEvent>,
+    ) -> Result<Sequence, (EngineError, Sender<EngineEvent>)> {
         let context_limit = request.context_length.unwrap_or(model_context).min(model_context).max(1);
         if request.prompt_tokens.is_empty() {
             return Err((EngineError::BadRequest("the prompt is empty".into()), events));
@@ -146,12 +147,23 @@ impl Sequence {
         self.events.is_closed()
     }
 
+    /// The client has not read its events: one more token could overflow the channel
+    /// (a token may send up to three events), so the sequence pauses.
+    pub fn backlogged(&self) -> bool {
+        self.events.capacity() < 4
+    }
+
+    /// A paused sequence's client has read enough to resume.
+    pub fn drained(&self) -> bool {
+        self.events.capacity() * 2 >= self.events.max_capacity()
+    }
+
     pub fn prompt_done(&self) -> bool {
         self.prefilled >= self.prompt.len()
     }
 
     pub fn fail(&self, error: EngineError) {
-        let _ = self.events.send(EngineEvent::Error(error));
+        let _ = self.events.try_send(EngineEvent::Error(error));
     }
 
     /// Takes the logits of the last position (after the prompt or a decode step), picks the
@@ -190,7 +202,7 @@ impl Sequence {
             self.decode_started = Some(Instant::now());
         }
         if self.eos_token_ids.contains(&token) {
-            return self.finish(FinishReason::Stop, false);
+            return self.finish(FinishReason::Stop, None);
         }
         self.generated.push(token);
         let grammar_complete = match self.constraint.as_mut().map(|c| c.advance(token)) {
@@ -209,33 +221,34 @@ impl Sequence {
             }
         };
         let (shown, stopped) = self.stop.push(&text);
-        let _ = self.events.send(EngineEvent::Token { text: shown, token, logprob });
-        if stopped {
-            return self.finish(FinishReason::Stop, true);
+        let _ = self.events.try_send(EngineEvent::Token { text: shown, token, logprob });
+        if let Some(stop) = stopped {
+            return self.finish(FinishReason::Stop, Some(stop));
         }
         if grammar_complete {
-            return self.finish(FinishReason::Stop, false);
+            return self.finish(FinishReason::Stop, None);
         }
         if self.generated.len() >= self.max_tokens || self.prompt.len() + self.generated.len() >= self.context_limit {
-            return self.finish(FinishReason::Length, false);
+            return self.finish(FinishReason::Length, None);
         }
         self.next_input = Some(token);
         Progress::Running
     }
 
-    fn finish(&mut self, reason: FinishReason, stopped_by_string: bool) -> Progress {
-        if !stopped_by_string {
+    fn finish(&mut self, reason: FinishReason, mut stop_sequence: Option<String>) -> Progress {
+        if stop_sequence.is_none() {
             let rest = self.decoder.flush().unwrap_or_default();
             let (mut shown, stopped) = self.stop.push(&rest);
-            if !stopped {
+            if stopped.is_none() {
                 shown.push_str(&self.stop.finish());
             }
+            stop_sequence = stopped;
             if !shown.is_empty() {
-                let _ = self.events.send(EngineEvent::Token { text: shown, token: u32::MAX, logprob: None });
+                let _ = self.events.try_send(EngineEvent::Token { text: shown, token: u32::MAX, logprob: None });
             }
         }
         let eval = self.decode_started.map(|start| start.elapsed()).unwrap_or_default();
-        let _ = self.events.send(EngineEvent::Done(Completion {
+        let _ = self.events.try_send(EngineEvent::Done(Completion {
             finish_reason: reason,
             prompt_tokens: self.prompt.len(),
             completion_tokens: self.generated.len(),
@@ -243,6 +256,7 @@ impl Sequence {
             eval,
             tokens: self.generated.clone(),
             cached_tokens: self.cached_tokens,
+            stop_sequence,
         }));
         Progress::Finished
     }
@@ -271,29 +285,29 @@ mod tests {
     #[test]
     fn stop_string_split_across_pieces() {
         let mut matcher = StopMatcher::new(vec!["END".into()]);
-        assert_eq!(matcher.push("hello E"), ("hello ".to_string(), false));
-        assert_eq!(matcher.push("N"), (String::new(), false));
-        assert_eq!(matcher.push("D and more"), (String::new(), true));
+        assert_eq!(matcher.push("hello E"), ("hello ".to_string(), None));
+        assert_eq!(matcher.push("N"), (String::new(), None));
+        assert_eq!(matcher.push("D and more"), (String::new(), Some("END".to_string())));
     }
 
     #[test]
     fn held_text_is_released_when_it_cannot_match() {
         let mut matcher = StopMatcher::new(vec!["END".into()]);
-        assert_eq!(matcher.push("E"), (String::new(), false));
-        assert_eq!(matcher.push("X"), ("EX".to_string(), false));
+        assert_eq!(matcher.push("E"), (String::new(), None));
+        assert_eq!(matcher.push("X"), ("EX".to_string(), None));
         assert_eq!(matcher.finish(), "");
     }
 
     #[test]
     fn multibyte_stop_strings() {
         let mut matcher = StopMatcher::new(vec!["です。".into()]);
-        assert_eq!(matcher.push("東京で"), ("東京".to_string(), false));
-        assert_eq!(matcher.push("す。次"), (String::new(), true));
+        assert_eq!(matcher.push("東京で"), ("東京".to_string(), None));
+        assert_eq!(matcher.push("す。次"), (String::new(), Some("です。".to_string())));
     }
 
     #[test]
     fn earliest_stop_wins() {
         let mut matcher = StopMatcher::new(vec!["b".into(), "a".into()]);
-        assert_eq!(matcher.push("xxab"), ("xx".to_string(), true));
+        assert_eq!(matcher.push("xxab"), ("xx".to_string(), Some("a".to_string())));
     }
 }

@@ -171,7 +171,12 @@ pub struct Completion {
     pub tokens: Vec<u32>,
     /// Prompt tokens read from the prefix cache instead of computed.
     pub cached_tokens: usize,
+    /// The stop string that ended the answer.
+    pub stop_sequence: Option<String>,
 }
+
+/// Events a generation's channel holds before its sequence pauses for the client to read.
+pub const EVENT_CAPACITY: usize = 64;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum EngineEvent {
@@ -185,7 +190,7 @@ pub enum EngineEvent {
 enum Command {
     Load { id: ModelId, path: PathBuf, reply: oneshot::Sender<Result<ModelInfo>> },
     Unload { id: ModelId, reply: Option<oneshot::Sender<()>> },
-    Generate { id: ModelId, request: GenerateRequest, events: tokio_mpsc::UnboundedSender<EngineEvent> },
+    Generate { id: ModelId, request: GenerateRequest, events: tokio_mpsc::Sender<EngineEvent> },
     Embed { id: ModelId, inputs: Vec<Vec<u32>>, reply: oneshot::Sender<Result<Vec<Vec<f32>>>> },
     Stats { reply: oneshot::Sender<EngineStats> },
     /// Other MLX work (conversion, quantization) run on the engine thread.
@@ -256,8 +261,9 @@ impl Engine {
     }
 
     /// Starts generating; events arrive on the returned receiver. Dropping it cancels.
-    pub fn generate(&self, id: ModelId, request: GenerateRequest) -> Result<tokio_mpsc::UnboundedReceiver<EngineEvent>> {
-        let (events, receiver) = tokio_mpsc::unbounded_channel();
+    pub fn generate(&self, id: ModelId, request: GenerateRequest) -> Result<tokio_mpsc::Receiver<EngineEvent>> {
+        // Bounded: a client that stops reading pauses its own sequence (see `park`).
+        let (events, receiver) = tokio_mpsc::channel(EVENT_CAPACITY);
         self.send(Command::Generate { id, request, events })?;
         Ok(receiver)
     }
@@ -303,6 +309,9 @@ struct WorkerModel {
     waiting: VecDeque<Sequence>,
     /// Sequences decoding; with batched decoding row `i` of `batch` is `running[i]`'s cache.
     running: Vec<Sequence>,
+    /// Sequences whose clients have not read their events: out of the batch, with their
+    /// caches, until the client catches up (the rest of the batch goes on).
+    parked: Vec<Sequence>,
     batch: nn::BatchCache,
     /// Tokens of a decode step queued on the device and not yet read (`[rows]`, int32), one
     /// per row of `running`: greedy rows pipeline (see `decode_pipelined_step`).
@@ -415,9 +424,20 @@ impl Worker {
         self.models.values().any(|m| !m.waiting.is_empty() || !m.running.is_empty())
     }
 
+    fn paused(&self) -> bool {
+        self.models.values().any(|m| !m.parked.is_empty())
+    }
+
     fn run(mut self, commands: Receiver<Command>) {
         loop {
-            let first = if self.busy() {
+            let first = if !self.busy() && self.paused() {
+                // Only paused sequences: look again soon whether their clients read.
+                match commands.recv_timeout(Duration::from_millis(5)) {
+                    Ok(command) => Some(command),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+            } else if self.busy() {
                 match commands.try_recv() {
                     Ok(command) => Some(command),
                     Err(TryRecvError::Empty) => None,
@@ -518,17 +538,17 @@ impl Worker {
             load_duration: started.elapsed(),
         };
         tracing::info!(model = id, path = %path.display(), bytes = info.weight_bytes, backend = self.backend.name(), seconds = info.load_duration.as_secs_f32(), "model loaded");
-        self.models.insert(id, WorkerModel { loaded, waiting: VecDeque::new(), running: Vec::new(), batch: nn::BatchCache::default(), in_flight: None, grammars: None });
+        self.models.insert(id, WorkerModel { loaded, waiting: VecDeque::new(), running: Vec::new(), parked: Vec::new(), batch: nn::BatchCache::default(), in_flight: None, grammars: None });
         Ok(info)
     }
 
-    fn enqueue(&mut self, id: ModelId, request: GenerateRequest, events: tokio_mpsc::UnboundedSender<EngineEvent>) {
+    fn enqueue(&mut self, id: ModelId, request: GenerateRequest, events: tokio_mpsc::Sender<EngineEvent>) {
         let Some(model) = self.models.get_mut(&id) else {
-            let _ = events.send(EngineEvent::Error(EngineError::NotLoaded));
+            let _ = events.try_send(EngineEvent::Error(EngineError::NotLoaded));
             return;
         };
         let LoadedModel::Chat { model: llama, frontend } = &model.loaded else {
-            let _ = events.send(EngineEvent::Error(EngineError::WrongKind { expected: ModelKind::Chat }));
+            let _ = events.try_send(EngineEvent::Error(EngineError::WrongKind { expected: ModelKind::Chat }));
             return;
         };
         let constraint = match &request.grammar {
@@ -542,7 +562,7 @@ impl Worker {
                 match compiler.and_then(|compiler| compiler.constraint(grammar)) {
                     Ok(constraint) => Some(constraint),
                     Err(error) => {
-                        let _ = events.send(EngineEvent::Error(error));
+                        let _ = events.try_send(EngineEvent::Error(error));
                         return;
                     }
                 }
@@ -560,7 +580,7 @@ impl Worker {
                 model.waiting.push_back(sequence)
             }
             Err((error, events)) => {
-                let _ = events.send(EngineEvent::Error(error));
+                let _ = events.try_send(EngineEvent::Error(error));
             }
         }
     }
@@ -587,6 +607,12 @@ impl Worker {
         }
 
         let mut finished = Vec::new();
+        model.parked.retain(|s| !s.cancelled());
+        if let Err(error) = resume_parked(&mut model.parked, &mut model.running, &mut model.batch, &mut model.in_flight)
+            .and_then(|()| park_backlogged(&mut model.parked, &mut model.running, &mut model.batch, &mut model.in_flight, &mut finished))
+        {
+            fail_batch(&mut model.running, &mut model.batch, &mut model.in_flight, error);
+        }
         if model.running.len() < max_batch && admits(self.backend, llama, model.waiting.front(), model.running.is_empty()) {
             if let Some(mut sequence) = model.waiting.pop_front() {
                 match prefill_step(llama, &mut sequence, prefill_chunk) {
@@ -624,12 +650,7 @@ impl Worker {
                     .and_then(|()| if model.running.is_empty() { Ok(()) } else { decode_batched_step(llama, &mut model.batch, &mut model.running, &mut finished) })
             };
             if let Err(error) = outcome {
-                tracing::error!(%error, "decode step failed");
-                for sequence in model.running.drain(..) {
-                    sequence.fail(error.clone());
-                }
-                model.batch = nn::BatchCache::default();
-                model.in_flight = None;
+                fail_batch(&mut model.running, &mut model.batch, &mut model.in_flight, error);
             }
         }
         for sequence in finished {
@@ -745,6 +766,55 @@ fn prefill_step(model: &DecoderModel, sequence: &mut Sequence, chunk: usize) -> 
     } else {
         Ok(None)
     }
+}
+
+/// Every running sequence fails with `error`; the batch starts over empty.
+fn fail_batch(running: &mut Vec<Sequence>, batch: &mut nn::BatchCache, in_flight: &mut Option<InFlight>, error: EngineError) {
+    tracing::error!(%error, "decode step failed");
+    for sequence in running.drain(..) {
+        sequence.fail(error.clone());
+    }
+    *batch = nn::BatchCache::default();
+    *in_flight = None;
+}
+
+/// Rows whose clients stopped reading leave the batch with their caches (tokens queued on
+/// the device are taken first, so each cache holds exactly its sequence's tokens).
+fn park_backlogged(parked: &mut Vec<Sequence>, running: &mut Vec<Sequence>, batch: &mut nn::BatchCache, in_flight: &mut Option<InFlight>, finished: &mut Vec<Sequence>) -> Result<()> {
+    if !running.iter().any(Sequence::backlogged) {
+        return Ok(());
+    }
+    drain_in_flight(batch, running, in_flight, finished)?;
+    for row in (0..running.len()).rev() {
+        if running[row].backlogged() {
+            let caches = batch.remove(row)?;
+            let mut sequence = running.remove(row);
+            sequence.cache = caches;
+            parked.push(sequence);
+        }
+    }
+    Ok(())
+}
+
+/// Paused sequences whose clients caught up rejoin the batch, as a prefilled prompt does.
+fn resume_parked(parked: &mut Vec<Sequence>, running: &mut Vec<Sequence>, batch: &mut nn::BatchCache, in_flight: &mut Option<InFlight>) -> Result<()> {
+    let mut index = 0;
+    while index < parked.len() {
+        if !parked[index].drained() {
+            index += 1;
+            continue;
+        }
+        let mut sequence = parked.remove(index);
+        batch.push(&sequence.cache)?;
+        sequence.cache = Vec::new();
+        if let Some(mut queued) = in_flight.take() {
+            let next = Array::from_slice(&[sequence.next_input.unwrap_or(0) as i32], &[1]);
+            queued.known.push(true);
+            *in_flight = Some(InFlight { tokens: ops::concatenate(&[queued.tokens, next], 0)?, known: queued.known });
+        }
+        running.push(sequence);
+    }
+    Ok(())
 }
 
 /// Finished rows leave the batch with their caches, cut to the tokens the sequence holds (a

@@ -67,15 +67,26 @@ impl ChatTemplate {
 
     /// Renders `messages`, ending with the assistant's turn opened when `add_generation_prompt`.
     pub fn render(&self, messages: &[TemplateMessage], add_generation_prompt: bool, tools: Option<&serde_json::Value>) -> Result<String, EngineError> {
+        self.render_with(messages, add_generation_prompt, tools, None)
+    }
+
+    /// As [`render`](Self::render), with `enable_thinking` set for templates that have the
+    /// switch (Qwen3's); unset, the template's own default applies.
+    pub fn render_with(&self, messages: &[TemplateMessage], add_generation_prompt: bool, tools: Option<&serde_json::Value>, enable_thinking: Option<bool>) -> Result<String, EngineError> {
         let template = self.env.get_template("chat").map_err(|error| EngineError::Template(error.to_string()))?;
+        let base = context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos_token,
+            eos_token => self.eos_token,
+            tools => tools,
+        };
+        let context = match enable_thinking {
+            Some(enabled) => context! { enable_thinking => enabled, ..base },
+            None => base,
+        };
         template
-            .render(context! {
-                messages => messages,
-                add_generation_prompt => add_generation_prompt,
-                bos_token => self.bos_token,
-                eos_token => self.eos_token,
-                tools => tools,
-            })
+            .render(context)
             .map_err(|error| EngineError::Template(format!("rendering the chat template failed: {error}")))
     }
 }

@@ -243,30 +243,51 @@ fn may_become_call(text: &str) -> bool {
         .any(|marker| trimmed.starts_with(marker) || marker.starts_with(trimmed))
 }
 
-/// Holds back streamed text while it may still be the start of a tool call, so a call is
-/// never shown as content; text that clearly is not one passes through from then on.
+/// Markers that open a call anywhere in an answer (a bare JSON call only counts at the start).
+const CALL_MARKERS: &[&str] = &["<tool_call>", "[TOOL_CALLS]", "<|python_tag|>"];
+
+/// Holds back streamed text while it may still become a tool call, so a call is never shown
+/// as content: at the start of the answer anything that may open a call (bare JSON too),
+/// later a call marker, held from its first character; once a marker is whole, everything
+/// after it waits for the end of the answer, where it is parsed.
 pub struct CallHolder {
+    offered: bool,
     held: String,
-    holding: bool,
+    leading: bool,
+    in_call: bool,
 }
 
 impl CallHolder {
     pub fn new(tools_offered: bool) -> CallHolder {
-        CallHolder { held: String::new(), holding: tools_offered }
+        CallHolder { offered: tools_offered, held: String::new(), leading: true, in_call: false }
     }
 
     /// The text to show now for this piece of the answer (empty while held).
     pub fn push(&mut self, text: String) -> String {
-        if !self.holding {
+        if !self.offered {
             return text;
         }
         self.held.push_str(&text);
-        if may_become_call(&self.held) {
-            String::new()
-        } else {
-            self.holding = false;
-            std::mem::take(&mut self.held)
+        if self.in_call {
+            return String::new();
         }
+        if self.leading {
+            if may_become_call(&self.held) {
+                return String::new();
+            }
+            self.leading = false;
+        }
+        if let Some(position) = CALL_MARKERS.iter().filter_map(|marker| self.held.find(marker)).min() {
+            self.in_call = true;
+            return self.held.drain(..position).collect();
+        }
+        let keep = CALL_MARKERS
+            .iter()
+            .flat_map(|marker| (1..marker.len()).filter(|&n| self.held.ends_with(&marker[..n])))
+            .max()
+            .unwrap_or(0);
+        let cut = self.held.len() - keep;
+        self.held.drain(..cut).collect()
     }
 
     /// What is still held when the answer ends: a call to parse, or text to show.
@@ -315,8 +336,12 @@ mod tests {
         assert_eq!(holder.finish(), "<tool_call>{");
         let mut holder = CallHolder::new(true);
         assert_eq!(holder.push(" Su".into()), " Su");
-        assert_eq!(holder.push("<tool_call>".into()), "<tool_call>");
-        assert_eq!(holder.finish(), "");
+        // A call after some text is held from its marker on, even split across pieces.
+        assert_eq!(holder.push("re. <tool".into()), "re. ");
+        assert_eq!(holder.push("_call>{\"name\"".into()), "");
+        assert_eq!(holder.finish(), "<tool_call>{\"name\"");
+        let mut holder = CallHolder::new(true);
+        assert_eq!(holder.push("Use <b>bold</b>".into()), "Use <b>bold</b>");
         assert_eq!(CallHolder::new(false).push("{".into()), "{");
     }
 

@@ -9,24 +9,34 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use super::{chunk, quote, ChunkRow, Rag, RagError};
+use super::{chunk, quote, ChunkRow, Embedder, EmbedderError, Rag, RagError};
 use crate::i18n::Msg;
-use crate::service::{Service, ServiceError};
 
 #[derive(Debug, thiserror::Error)]
 #[error("{}", self.msg())]
 pub enum IngestError {
     Rag(#[from] RagError),
-    Service(#[from] ServiceError),
+    /// The embedding model could not be loaded or run; the error is the embedder's own.
+    Embedder(EmbedderError),
 }
 
 impl IngestError {
     pub fn msg(&self) -> Msg {
         match self {
             IngestError::Rag(error) => error.msg(),
-            IngestError::Service(error) => error.msg(),
+            IngestError::Embedder(error) => Msg::new("engine.error.bad_request").arg("detail", error),
         }
     }
+}
+
+impl From<EmbedderError> for IngestError {
+    fn from(error: EmbedderError) -> Self {
+        IngestError::Embedder(error)
+    }
+}
+
+fn model_name(model: &str) -> Result<String, IngestError> {
+    crate::store::ModelName::parse(model).map(|name| name.to_string()).map_err(|error| IngestError::Embedder(Box::new(error)))
 }
 
 #[derive(Debug, Clone)]
@@ -117,12 +127,13 @@ pub struct Document {
 
 /// Chunks and embeds documents into a collection, one commit per document. Returns the
 /// chunks written per document (0 for documents already stored unchanged).
-pub async fn add_documents(rag: &Rag, service: &Service, options: &IngestOptions, documents: Vec<Document>, progress: &dyn Progress) -> Result<(Vec<usize>, usize), IngestError> {
-    let model = crate::store::ModelName::parse(&options.model).map_err(ServiceError::from)?.to_string();
-    let (lease, frontend) = service.embedding_model(&model).await?;
-    let table = rag.collection_for(&options.collection, &model, frontend.dimensions).await?;
+pub async fn add_documents(rag: &Rag, embedder: &dyn Embedder, options: &IngestOptions, documents: Vec<Document>, progress: &dyn Progress) -> Result<(Vec<usize>, usize), IngestError> {
+    let model = model_name(&options.model)?;
+    let session = embedder.open(&model).await?;
+    let dimensions = session.dimensions();
+    let table = rag.collection_for(&options.collection, &model, dimensions).await?;
     let stored = Rag::stored_files(&table).await?;
-    let tokenizer = frontend.tokenizer.clone();
+    let tokenizer = session.tokenizer();
     let count = |text: &str| tokenizer.encode(text, false).map(|e| e.get_ids().len()).unwrap_or(text.len() / 4);
     let split_long = |text: &str, size: usize| -> Vec<String> {
         let Ok(encoding) = tokenizer.encode(text, false) else { return vec![text.to_string()] };
@@ -148,13 +159,13 @@ pub async fn add_documents(rag: &Rag, service: &Service, options: &IngestOptions
         let chunks = chunk::chunk(&document.text, options.chunk_size, options.overlap, &count, &split_long);
         let mut rows = Vec::with_capacity(chunks.len());
         for batch in chunks.chunks(32) {
-            let embeddings = service.embed_with(&lease, &frontend, batch).await?;
+            let embeddings = session.embed(batch).await?;
             for (text, vector) in batch.iter().zip(embeddings) {
                 rows.push(ChunkRow { source: document.source.clone(), chunk_index: rows.len() as i32, content_hash: hash.clone(), text: text.clone(), vector });
             }
         }
         // New chunks first, then the old ones go: an interruption leaves the file readable.
-        Rag::add_chunks(&table, &model, frontend.dimensions, &rows).await?;
+        Rag::add_chunks(&table, &model, dimensions, &rows).await?;
         if have_stale {
             Rag::delete(&table, &format!("source = {} AND content_hash != {}", quote(&document.source), quote(&hash))).await?;
         }
@@ -164,7 +175,7 @@ pub async fn add_documents(rag: &Rag, service: &Service, options: &IngestOptions
 }
 
 /// Adds every readable document under `dir` (recursively).
-pub async fn add_folder(rag: &Rag, service: &Service, dir: &Path, options: &IngestOptions, progress: &dyn Progress) -> Result<IngestReport, IngestError> {
+pub async fn add_folder(rag: &Rag, embedder: &dyn Embedder, dir: &Path, options: &IngestOptions, progress: &dyn Progress) -> Result<IngestReport, IngestError> {
     let started = Instant::now();
     let dir = dir.canonicalize().map_err(|_| RagError::NotAFolder { path: dir.display().to_string() })?;
     if !dir.is_dir() {
@@ -196,14 +207,14 @@ pub async fn add_folder(rag: &Rag, service: &Service, dir: &Path, options: &Inge
             }
         }
     }
-    let (written, unchanged) = add_documents(rag, service, options, documents, progress).await?;
+    let (written, unchanged) = add_documents(rag, embedder, options, documents, progress).await?;
     report.files_unchanged = unchanged;
     report.files_added = written.iter().filter(|n| **n > 0).count();
     report.chunks_added = written.iter().sum();
     // Files that were under this folder before and are gone now.
-    let model = crate::store::ModelName::parse(&options.model).map_err(ServiceError::from)?.to_string();
-    let (_lease, frontend) = service.embedding_model(&model).await?;
-    let table = rag.collection_for(&options.collection, &model, frontend.dimensions).await?;
+    let model = model_name(&options.model)?;
+    let dimensions = embedder.open(&model).await?.dimensions();
+    let table = rag.collection_for(&options.collection, &model, dimensions).await?;
     let prefix = format!("{}{}", dir.display(), std::path::MAIN_SEPARATOR);
     let stored: HashMap<(String, String), usize> = Rag::stored_files(&table).await?;
     let gone: HashSet<String> = stored.keys().map(|(s, _)| s.clone()).filter(|s| s.starts_with(&prefix) && !seen.contains(s)).collect();

@@ -31,6 +31,25 @@ pub const DEFAULT_COLLECTION: &str = "default";
 const MODEL_KEY: &str = "mlxserver.embedding_model";
 const DIMENSION_KEY: &str = "mlxserver.dimension";
 
+/// An error of the embedder, kept whole so the HTTP layer can map it to its status.
+pub type EmbedderError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What indexing and retrieval need of an embedding model. The service implements it over
+/// the engine; `rag` knows nothing of the service.
+pub trait Embedder: Send + Sync {
+    /// Loads `model`; it stays loaded while the session lives.
+    fn open<'a>(&'a self, model: &'a str) -> futures::future::BoxFuture<'a, std::result::Result<Box<dyn EmbeddingSession>, EmbedderError>>;
+}
+
+/// A loaded embedding model.
+pub trait EmbeddingSession: Send + Sync {
+    /// Chunks are measured and cut in this tokenizer's tokens.
+    fn tokenizer(&self) -> &tokenizers::Tokenizer;
+    fn dimensions(&self) -> usize;
+    /// One vector per text (texts longer than the model's window are cut).
+    fn embed<'a>(&'a self, texts: &'a [String]) -> futures::future::BoxFuture<'a, std::result::Result<Vec<Vec<f32>>, EmbedderError>>;
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("{}", self.msg())]
 pub enum RagError {
