@@ -181,6 +181,9 @@ pub fn show(args: ShowArgs) -> CliResult {
     if let Some(family) = resolved.base.family() {
         println!("  {}", t!("show.family", family = family));
     }
+    if let Some(labels) = resolved.base.cross_encoder_labels() {
+        println!("  {}", t!("show.cross_encoder", labels = labels));
+    }
     if let Some(count) = resolved.base.parameter_count() {
         println!("  {}", t!("show.parameters_count", count = crate::api::ollama::parameter_size(count)));
     }

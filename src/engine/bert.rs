@@ -1,12 +1,18 @@
 //! BERT encoders for embeddings (all-MiniLM, bge, e5): token + position + type embeddings,
 //! post-norm transformer layers with GELU, then sentence-transformers pooling (mean or CLS)
 //! and optional L2 normalisation.
+//!
+//! The same encoder with a sequence-classification head (`BertForSequenceClassification`:
+//! pooler = dense + tanh on the [CLS] token, then a linear classifier) is a cross-encoder
+//! (reranker, e.g. ms-marco-MiniLM, bge-reranker): it reads a (query, document) pair as one
+//! input, with token type 0 for the query segment and 1 for the document, and scores it.
 
 use mlx_rs::fast::{self, ScaledDotProductAttentionMask};
 use mlx_rs::ops::indexing::IndexOp;
 use mlx_rs::{ops, Array, Dtype};
 
 use super::nn::{Linear, Result};
+use super::EngineError;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct BertConfig {
@@ -48,6 +54,56 @@ pub struct BertLayer {
     pub output_norm: LayerNorm,
 }
 
+/// The head of `BertForSequenceClassification`: `classifier(tanh(pooler(h[CLS])))`.
+pub struct ClassifierHead {
+    pub pooler: Linear,
+    pub classifier: Linear,
+    pub num_labels: usize,
+}
+
+impl ClassifierHead {
+    /// The label whose logit is the relevance score: the only one of a one-label model
+    /// (ms-marco, bge-reranker), else label 1 (the "relevant" class of a two-label model).
+    pub fn score_label(&self) -> usize {
+        if self.num_labels > 1 {
+            1
+        } else {
+            0
+        }
+    }
+}
+
+/// A tokenized (query, document) pair for a cross-encoder: `[CLS] query [SEP] document [SEP]`
+/// with `type_ids` 0 for `[CLS] query [SEP]` and 1 for `document [SEP]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PairInput {
+    pub ids: Vec<u32>,
+    pub type_ids: Vec<u32>,
+}
+
+/// Tokenizes a (query, document) pair as the model's tokenizer does for pairs (its
+/// post-processor adds the special tokens and the segment ids). The pair is cut to at most
+/// `max_tokens` tokens, special tokens included (and to the tokenizer's own truncation
+/// length, when it has one), longest first as Hugging Face tokenizers do: tokens come off the
+/// end of the longer segment, which is the document for any usual query.
+pub fn encode_pair(tokenizer: &tokenizers::Tokenizer, query: &str, document: &str, max_tokens: usize) -> std::result::Result<PairInput, EngineError> {
+    use tokenizers::utils::truncation::{truncate_encodings, TruncationParams, TruncationStrategy};
+    use tokenizers::PostProcessor;
+    let error = |e: tokenizers::Error| EngineError::Tokenizer(e.to_string());
+    let query = tokenizer.encode(query, false).map_err(error)?;
+    let document = tokenizer.encode(document, false).map_err(error)?;
+    let added = tokenizer.get_post_processor().map_or(0, |p| p.added_tokens(true));
+    let budget = max_tokens.saturating_sub(added).max(2);
+    let params = TruncationParams { max_length: budget, strategy: TruncationStrategy::LongestFirst, stride: 0, ..Default::default() };
+    let (mut query, document) = truncate_encodings(query, Some(document), &params).map_err(error)?;
+    let mut document = document.unwrap_or_default();
+    // What truncation cut off is not needed (no sliding windows over long documents).
+    query.take_overflowing();
+    document.take_overflowing();
+    let encoding = tokenizer.post_process(query, Some(document), true).map_err(error)?;
+    Ok(PairInput { ids: encoding.get_ids().to_vec(), type_ids: encoding.get_type_ids().to_vec() })
+}
+
 pub struct BertModel {
     pub config: BertConfig,
     pub word_embeddings: Array,
@@ -57,6 +113,8 @@ pub struct BertModel {
     pub layers: Vec<BertLayer>,
     pub pooling: Pooling,
     pub normalize: bool,
+    /// Present for `BertForSequenceClassification` checkpoints (cross-encoders).
+    pub head: Option<ClassifierHead>,
 }
 
 fn gelu(x: &Array) -> Result<Array> {
@@ -67,18 +125,19 @@ fn gelu(x: &Array) -> Result<Array> {
 }
 
 impl BertModel {
-    /// Embeds a batch: `ids` and `mask` are `[B, L]` (mask 1 for real tokens, 0 for padding).
-    /// Returns `[B, hidden]` sentence embeddings.
-    pub fn embed(&self, ids: &Array, mask: &Array) -> Result<Array> {
+    /// The encoder's last hidden states `[B, L, hidden]` for `ids` and `mask` (`[B, L]`, mask
+    /// 1 for real tokens, 0 for padding); `type_ids` (`[B, L]`) picks each token's
+    /// token-type embedding (all type 0 when None, as for single texts).
+    pub fn encode(&self, ids: &Array, type_ids: Option<&Array>, mask: &Array) -> Result<Array> {
         let config = &self.config;
         let batch = ids.dim(0);
         let length = ids.dim(1);
         let positions = ops::arange::<_, i32>(0, length, None)?;
-        let mut x = self
-            .word_embeddings
-            .take_axis(ids, 0)?
-            .add(self.position_embeddings.take_axis(&positions, 0)?)?
-            .add(self.token_type_embeddings.index((0..1, ..)))?;
+        let types = match type_ids {
+            Some(type_ids) => self.token_type_embeddings.take_axis(type_ids, 0)?,
+            None => self.token_type_embeddings.index((0..1, ..)),
+        };
+        let mut x = self.word_embeddings.take_axis(ids, 0)?.add(self.position_embeddings.take_axis(&positions, 0)?)?.add(types)?;
         x = self.embeddings_norm.forward(&x, config.layer_norm_eps)?;
         let head_dim = config.hidden_size / config.num_heads;
         let scale = 1.0 / (head_dim as f32).sqrt();
@@ -98,6 +157,16 @@ impl BertModel {
             let inner = gelu(&layer.intermediate.forward(&x)?)?;
             x = layer.output_norm.forward(&x.add(layer.output.forward(&inner)?)?, config.layer_norm_eps)?;
         }
+        Ok(x)
+    }
+
+    /// Embeds a batch: `ids` and `mask` are `[B, L]` (mask 1 for real tokens, 0 for padding).
+    /// Returns `[B, hidden]` sentence embeddings.
+    pub fn embed(&self, ids: &Array, mask: &Array) -> Result<Array> {
+        let batch = ids.dim(0);
+        let length = ids.dim(1);
+        let x = self.encode(ids, None, mask)?;
+        let mask_f = mask.as_dtype(Dtype::Float32)?;
         let pooled = match self.pooling {
             Pooling::Cls => x.index((.., 0, ..)),
             Pooling::Mean => {
@@ -115,6 +184,16 @@ impl BertModel {
         }
     }
 
+    /// Classification logits `[B, num_labels]` of a cross-encoder for a batch of pairs
+    /// (`ids`, `type_ids`, `mask` all `[B, L]`). Fails for a model without a head.
+    pub fn classify(&self, ids: &Array, type_ids: &Array, mask: &Array) -> Result<Array> {
+        let head = self.head.as_ref().ok_or_else(|| EngineError::BadRequest("this model has no classification head (it is not a cross-encoder)".into()))?;
+        let x = self.encode(ids, Some(type_ids), mask)?;
+        let cls = x.index((.., 0, ..));
+        let pooled = ops::tanh(&head.pooler.forward(&cls)?)?;
+        head.classifier.forward(&pooled)
+    }
+
     pub fn arrays(&self) -> Vec<&Array> {
         let mut arrays = vec![
             &self.word_embeddings,
@@ -129,6 +208,52 @@ impl BertModel {
             }
             arrays.extend([&layer.attention_norm.weight, &layer.attention_norm.bias, &layer.output_norm.weight, &layer.output_norm.bias]);
         }
+        if let Some(head) = &self.head {
+            arrays.extend(head.pooler.arrays());
+            arrays.extend(head.classifier.arrays());
+        }
         arrays
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A word-level tokenizer with BERT's pair template: `[CLS] A [SEP] B [SEP]`, types 0/1.
+    fn tokenizer() -> tokenizers::Tokenizer {
+        let mut vocab = serde_json::Map::new();
+        for (i, word) in ["[UNK]", "[CLS]", "[SEP]", "q1", "q2", "q3", "d1", "d2", "d3", "d4", "d5", "d6"].iter().enumerate() {
+            vocab.insert(word.to_string(), i.into());
+        }
+        let json = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+            "pre_tokenizer": {"type": "Whitespace"},
+            "post_processor": {
+                "type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "[SEP]", "type_id": 0}}],
+                "pair": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "[SEP]", "type_id": 0}},
+                         {"Sequence": {"id": "B", "type_id": 1}}, {"SpecialToken": {"id": "[SEP]", "type_id": 1}}],
+                "special_tokens": {"[CLS]": {"id": "[CLS]", "ids": [1], "tokens": ["[CLS]"]}, "[SEP]": {"id": "[SEP]", "ids": [2], "tokens": ["[SEP]"]}}
+            },
+            "decoder": null,
+            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
+        });
+        json.to_string().parse().unwrap()
+    }
+
+    #[test]
+    fn pairs_get_segments_and_lose_document_tokens_first() {
+        let tokenizer = tokenizer();
+        let pair = encode_pair(&tokenizer, "q1 q2", "d1 d2 d3", 64).unwrap();
+        assert_eq!(pair.ids, vec![1, 3, 4, 2, 6, 7, 8, 2]);
+        assert_eq!(pair.type_ids, vec![0, 0, 0, 0, 1, 1, 1, 1]);
+        // 8 tokens: 3 special, 2 query, 3 of the 6 document tokens (longest first).
+        let cut = encode_pair(&tokenizer, "q1 q2", "d1 d2 d3 d4 d5 d6", 8).unwrap();
+        assert_eq!(cut.ids, vec![1, 3, 4, 2, 6, 7, 8, 2]);
+        assert_eq!(cut.type_ids, vec![0, 0, 0, 0, 1, 1, 1, 1]);
+        // A query as long as the document is cut too, one token each.
+        let both = encode_pair(&tokenizer, "q1 q2 q3", "d1 d2 d3", 7).unwrap();
+        assert_eq!(both.ids, vec![1, 3, 4, 2, 6, 7, 2]);
     }
 }

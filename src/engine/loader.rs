@@ -11,7 +11,7 @@ use std::sync::Arc;
 use mlx_rs::{ops, Array, Dtype};
 use serde_json::Value;
 
-use super::bert::{BertConfig, BertLayer, BertModel, LayerNorm, Pooling};
+use super::bert::{BertConfig, BertLayer, BertModel, ClassifierHead, LayerNorm, Pooling};
 use super::decoder::{BlockLayout, DecoderConfig, DecoderModel, Experts, FeedForward, Layer, QkNorm, SUPPORTED_FAMILIES};
 use super::device::{DevicePolicy, WeightPolicy};
 use super::gguf;
@@ -55,6 +55,23 @@ pub struct EmbedFrontend {
     pub tokenizer: Arc<tokenizers::Tokenizer>,
     pub dimensions: usize,
     pub max_tokens: usize,
+    /// A cross-encoder (reranker, `BertForSequenceClassification`): it scores (query,
+    /// document) pairs with [`super::Engine::score_pairs`] (pairs tokenized by
+    /// [`EmbedFrontend::encode_pair`]) and refuses to embed single texts.
+    pub cross_encoder: bool,
+}
+
+impl EmbedFrontend {
+    /// A (query, document) pair tokenized for [`super::Engine::score_pairs`], cut to the
+    /// model's `max_tokens`.
+    pub fn encode_pair(&self, query: &str, document: &str) -> Result<super::bert::PairInput> {
+        super::bert::encode_pair(&self.tokenizer, query, document, self.max_tokens)
+    }
+}
+
+/// Whether a config.json describes a BERT cross-encoder (`BertForSequenceClassification`).
+pub fn is_cross_encoder(config: &Value) -> bool {
+    config["architectures"].as_array().is_some_and(|list| list.iter().any(|a| a.as_str() == Some("BertForSequenceClassification")))
 }
 
 pub enum LoadedModel {
@@ -759,13 +776,27 @@ fn load_bert(folder: &Path, config: &Value, device: DevicePolicy) -> Result<Load
             output_norm: norm(&mut tensors, &format!("{prefix}.output.LayerNorm"))?,
         });
     }
+    // A cross-encoder's head: `bert.pooler.dense` (prefix stripped above) and `classifier`.
+    let head = if is_cross_encoder(config) {
+        let pooler = tensors.linear("pooler.dense", policy)?;
+        let classifier = tensors.linear("classifier", policy)?;
+        // Rows of the weight, dense or packed.
+        let num_labels = classifier.weight.arrays()[0].dim(0).max(0) as usize;
+        if num_labels == 0 {
+            return Err(invalid(folder, "classifier.weight has no rows"));
+        }
+        Some(ClassifierHead { pooler, classifier, num_labels })
+    } else {
+        None
+    };
     let mut tokenizer = tokenizer::from_file(&folder.join("tokenizer.json"))?;
     tokenizer
         .with_truncation(Some(tokenizers::TruncationParams { max_length: max_tokens, ..Default::default() }))
         .map_err(|error| EngineError::Tokenizer(error.to_string()))?;
     tokenizer.with_padding(None);
     let dimensions = bert.hidden_size as usize;
-    let model = BertModel { config: bert, word_embeddings, position_embeddings, token_type_embeddings, embeddings_norm, layers, pooling, normalize };
-    let frontend = EmbedFrontend { tokenizer: Arc::new(tokenizer), dimensions, max_tokens };
+    let cross_encoder = head.is_some();
+    let model = BertModel { config: bert, word_embeddings, position_embeddings, token_type_embeddings, embeddings_norm, layers, pooling, normalize, head };
+    let frontend = EmbedFrontend { tokenizer: Arc::new(tokenizer), dimensions, max_tokens, cross_encoder };
     Ok(LoadedModel::Embedding { model, frontend: Arc::new(frontend) })
 }

@@ -39,6 +39,7 @@ use tokio::sync::{mpsc as tokio_mpsc, oneshot};
 
 pub use device::Backend;
 pub use generate::StopMatcher;
+pub use bert::{encode_pair, PairInput};
 pub use loader::{ChatFrontend, EmbedFrontend};
 pub use sampling::SamplingParams;
 
@@ -192,6 +193,7 @@ enum Command {
     Unload { id: ModelId, reply: Option<oneshot::Sender<()>> },
     Generate { id: ModelId, request: GenerateRequest, events: tokio_mpsc::Sender<EngineEvent> },
     Embed { id: ModelId, inputs: Vec<Vec<u32>>, reply: oneshot::Sender<Result<Vec<Vec<f32>>>> },
+    Score { id: ModelId, inputs: Vec<PairInput>, reply: oneshot::Sender<Result<Vec<f32>>> },
     Stats { reply: oneshot::Sender<EngineStats> },
     /// Other MLX work (conversion, quantization) run on the engine thread.
     Task(Box<dyn FnOnce() + Send>),
@@ -272,6 +274,15 @@ impl Engine {
     pub async fn embed(&self, id: ModelId, inputs: Vec<Vec<u32>>) -> Result<Vec<Vec<f32>>> {
         let (reply, answer) = oneshot::channel();
         self.send(Command::Embed { id, inputs, reply })?;
+        answer.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    /// Scores tokenized (query, document) pairs with a cross-encoder (see [`encode_pair`]):
+    /// one raw logit per pair, in input order (label 0 of a one-label model, label 1 of a
+    /// model with more labels). Higher means more relevant; no sigmoid is applied.
+    pub async fn score_pairs(&self, id: ModelId, inputs: Vec<PairInput>) -> Result<Vec<f32>> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Score { id, inputs, reply })?;
         answer.await.map_err(|_| EngineError::Stopped)?
     }
 
@@ -490,6 +501,9 @@ impl Worker {
             Command::Embed { id, inputs, reply } => {
                 let _ = reply.send(self.embed(id, inputs));
             }
+            Command::Score { id, inputs, reply } => {
+                let _ = reply.send(self.score(id, inputs));
+            }
             Command::Stats { reply } => {
                 let mut stats = EngineStats::default();
                 for (id, model) in &self.models {
@@ -664,23 +678,18 @@ impl Worker {
         let LoadedModel::Embedding { model: bert, .. } = &model.loaded else {
             return Err(EngineError::WrongKind { expected: ModelKind::Embedding });
         };
+        if bert.head.is_some() {
+            return Err(EngineError::BadRequest(
+                "this is a cross-encoder (reranker) model: it scores query/document pairs and does not embed texts; use an embedding model".into(),
+            ));
+        }
         let mut output = Vec::with_capacity(inputs.len());
         // Similar lengths together keep padding small.
         let mut order: Vec<usize> = (0..inputs.len()).collect();
         order.sort_by_key(|&i| inputs[i].len());
         let mut results: Vec<Option<Vec<f32>>> = vec![None; inputs.len()];
         for chunk in order.chunks(32) {
-            let length = chunk.iter().map(|&i| inputs[i].len()).max().unwrap_or(1).max(1);
-            let mut ids = Vec::with_capacity(chunk.len() * length);
-            let mut mask = Vec::with_capacity(chunk.len() * length);
-            for &i in chunk {
-                let tokens = &inputs[i];
-                ids.extend(tokens.iter().map(|&t| t as i32));
-                ids.extend(std::iter::repeat_n(0, length - tokens.len()));
-                mask.extend(std::iter::repeat_n(1i32, tokens.len()));
-                mask.extend(std::iter::repeat_n(0i32, length - tokens.len()));
-            }
-            let shape = [chunk.len() as i32, length as i32];
+            let (ids, mask, shape) = padded(chunk.iter().map(|&i| inputs[i].as_slice()));
             let embeddings = bert.embed(&Array::from_slice(&ids, &shape), &Array::from_slice(&mask, &shape))?;
             let embeddings = embeddings.as_dtype(Dtype::Float32)?;
             embeddings.eval()?;
@@ -694,6 +703,67 @@ impl Worker {
             output.push(result.unwrap_or_default());
         }
         Ok(output)
+    }
+}
+
+/// A batch of rows padded to its longest: `[rows, length]` int32 ids and mask (1 for real
+/// tokens, 0 for padding).
+fn padded<'a>(rows: impl Iterator<Item = &'a [u32]> + Clone) -> (Vec<i32>, Vec<i32>, [i32; 2]) {
+    let length = rows.clone().map(<[u32]>::len).max().unwrap_or(1).max(1);
+    let mut ids = Vec::new();
+    let mut mask = Vec::new();
+    let mut count = 0;
+    for tokens in rows {
+        ids.extend(tokens.iter().map(|&t| t as i32));
+        ids.extend(std::iter::repeat_n(0, length - tokens.len()));
+        mask.extend(std::iter::repeat_n(1i32, tokens.len()));
+        mask.extend(std::iter::repeat_n(0i32, length - tokens.len()));
+        count += 1;
+    }
+    (ids, mask, [count, length as i32])
+}
+
+impl Worker {
+    fn score(&mut self, id: ModelId, inputs: Vec<PairInput>) -> Result<Vec<f32>> {
+        let model = self.models.get(&id).ok_or(EngineError::NotLoaded)?;
+        let LoadedModel::Embedding { model: bert, .. } = &model.loaded else {
+            return Err(EngineError::WrongKind { expected: ModelKind::Embedding });
+        };
+        let Some(head) = &bert.head else {
+            return Err(EngineError::BadRequest("this embedding model has no classification head: it is not a cross-encoder (reranker)".into()));
+        };
+        let limit = bert.config.max_position_embeddings.max(1) as usize;
+        for (index, pair) in inputs.iter().enumerate() {
+            if pair.ids.is_empty() {
+                return Err(EngineError::BadRequest(format!("pair {index} has no tokens")));
+            }
+            if pair.ids.len() != pair.type_ids.len() {
+                return Err(EngineError::BadRequest(format!("pair {index}: {} token ids but {} token type ids", pair.ids.len(), pair.type_ids.len())));
+            }
+            if pair.ids.len() > limit {
+                return Err(EngineError::ContextOverflow { prompt: pair.ids.len(), limit });
+            }
+            if pair.type_ids.iter().any(|&t| t as i32 >= bert.token_type_embeddings.dim(0)) {
+                return Err(EngineError::BadRequest(format!("pair {index}: a token type id is past the model's {} types", bert.token_type_embeddings.dim(0))));
+            }
+        }
+        let label = head.score_label();
+        let mut order: Vec<usize> = (0..inputs.len()).collect();
+        order.sort_by_key(|&i| inputs[i].ids.len());
+        let mut scores = vec![0.0f32; inputs.len()];
+        for chunk in order.chunks(32) {
+            let (ids, mask, shape) = padded(chunk.iter().map(|&i| inputs[i].ids.as_slice()));
+            let (types, _, _) = padded(chunk.iter().map(|&i| inputs[i].type_ids.as_slice()));
+            let logits = bert.classify(&Array::from_slice(&ids, &shape), &Array::from_slice(&types, &shape), &Array::from_slice(&mask, &shape))?;
+            let logits = logits.as_dtype(Dtype::Float32)?;
+            logits.eval()?;
+            let values = logits.try_as_slice::<f32>().map_err(|e| EngineError::Mlx(e.to_string()))?;
+            let labels = logits.dim(1) as usize;
+            for (row, &i) in chunk.iter().enumerate() {
+                scores[i] = values[row * labels + label];
+            }
+        }
+        Ok(scores)
     }
 }
 

@@ -100,6 +100,20 @@ pub fn check_folder(folder: &Path) -> Result<(), String> {
         if embeddings.shape.last() != Some(&hidden) {
             return Err(format!("embeddings.word_embeddings.weight is {:?}, config.json says hidden_size {hidden}", embeddings.shape));
         }
+        if super::loader::is_cross_encoder(&config) {
+            // The sequence-classification head: pooler [hidden, hidden], classifier [labels, hidden].
+            let pooler = ["bert.pooler.dense.weight", "pooler.dense.weight"]
+                .iter()
+                .find_map(|n| tensors.get(*n))
+                .ok_or("no bert.pooler.dense.weight tensor (config.json says BertForSequenceClassification)")?;
+            if pooler.shape != [hidden, hidden] {
+                return Err(format!("bert.pooler.dense.weight is {:?}, config.json says hidden_size {hidden}", pooler.shape));
+            }
+            let classifier = tensors.get("classifier.weight").ok_or("no classifier.weight tensor (config.json says BertForSequenceClassification)")?;
+            if classifier.shape.len() != 2 || classifier.shape[0] == 0 || classifier.shape[1] != hidden {
+                return Err(format!("classifier.weight is {:?}, expected [labels, {hidden}]", classifier.shape));
+            }
+        }
         return Ok(());
     }
     let decoder = DecoderConfig::from_hf(&config).map_err(|e| e.to_string())?;

@@ -121,6 +121,17 @@ impl BaseModel {
         Some(family.to_string())
     }
 
+    /// For a cross-encoder (reranker, `BertForSequenceClassification` in config.json): its
+    /// number of labels (from `id2label`, else `num_labels`, else 1). None for other models.
+    pub fn cross_encoder_labels(&self) -> Option<usize> {
+        let json = self.config_json()?;
+        if !crate::engine::loader::is_cross_encoder(&json) {
+            return None;
+        }
+        let labels = json["id2label"].as_object().map(|m| m.len()).or_else(|| json["num_labels"].as_u64().map(|n| n as usize)).unwrap_or(1);
+        Some(labels.max(1))
+    }
+
     /// Parameters of the model, from its config.json (None for embedding models and
     /// folders whose family is unknown).
     pub fn parameter_count(&self) -> Option<u64> {

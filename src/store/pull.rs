@@ -275,7 +275,9 @@ fn verify_blob(path: &Path, file: &str) -> Result<(), PullError> {
     Ok(())
 }
 
-/// The kind of model a downloaded folder holds.
+/// The kind of model a downloaded folder holds. BERT folders are embedding models, cross-
+/// encoders (`BertForSequenceClassification`, rerankers) included: the engine loads them with
+/// their classification head and their frontend says `cross_encoder`.
 pub fn folder_kind(folder: &Path) -> ModelKind {
     let text = std::fs::read_to_string(folder.join("config.json")).unwrap_or_default();
     let json: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();

@@ -43,7 +43,7 @@ fn splitmix64(x: u64) -> u64 {
 
 /// The recipe's values: `offset + scale * (2u - 1)` in f64, rounded to f32, with
 /// `u = (splitmix64(seed + i) >> 40) / 2^24`.
-fn recipe_values(tensor: &Value) -> (Vec<usize>, Vec<f32>) {
+pub fn recipe_values(tensor: &Value) -> (Vec<usize>, Vec<f32>) {
     let shape: Vec<usize> = tensor["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
     let count: usize = shape.iter().product();
     let seed = tensor["seed"].as_u64().unwrap();

@@ -9,6 +9,7 @@ mod hub;
 mod i18n_catalogs;
 mod models;
 mod rag;
+mod rerank;
 mod server_shell;
 mod terminal_chat;
 mod serving;
