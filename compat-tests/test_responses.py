@@ -79,7 +79,16 @@ def test_instructions_and_item_list_input(client):
         assert_finished(resp, 12)
         assert resp.output[0].type == "message"
     assert instructed.instructions == "You are a painter who answers briefly."
-    assert instructed.usage.input_tokens > plain.usage.input_tokens
+    # Instructions are the system message: the same prompt as a developer turn in the input.
+    # (Fewer tokens than none at all is possible: SmolLM2's template adds a longer default.)
+    as_developer = client.responses.create(
+        model=CHAT_MODEL,
+        input=[{"role": "developer", "content": "You are a painter who answers briefly."}, {"role": "user", "content": "Name one color."}],
+        max_output_tokens=12,
+        temperature=0,
+    )
+    assert instructed.usage.input_tokens == as_developer.usage.input_tokens != plain.usage.input_tokens
+    assert instructed.output_text == as_developer.output_text
     # A string content and a list of input_text parts are the same prompt.
     assert parts.usage.input_tokens == instructed.usage.input_tokens
     assert parts.output_text == instructed.output_text

@@ -343,19 +343,31 @@ impl Service {
         tokenizer.decode(tokens, false).map_err(|e| EngineError::Tokenizer(e.to_string()).into())
     }
 
-    /// Relevance of each document to the query: the cosine similarity of an embedding
-    /// model's vectors.
+    /// Relevance of each document to the query: a cross-encoder's score (its logit through
+    /// a sigmoid, as sentence-transformers' CrossEncoder reports it), or the cosine
+    /// similarity of an embedding model's vectors.
     pub async fn rerank(&self, model: &str, query: &str, documents: &[String]) -> Result<Relevance> {
         if documents.is_empty() {
             return Err(ServiceError::BadRequest("documents must not be empty".into()));
         }
+        let name = self.resolve(model)?.name;
+        let (lease, frontend) = self.embedding_model(model).await?;
+        if frontend.cross_encoder {
+            let pairs = documents.iter().map(|document| frontend.encode_pair(query, document)).collect::<std::result::Result<Vec<_>, _>>()?;
+            let tokens = pairs.iter().map(|pair| pair.ids.len()).sum();
+            let logits = self.engine.score_pairs(lease.id, pairs).await?;
+            let scores = logits.into_iter().map(|logit| 1.0 / (1.0 + (-logit).exp())).collect();
+            return Ok(Relevance { model: name, scores, tokens });
+        }
         let mut inputs = Vec::with_capacity(documents.len() + 1);
         inputs.push(query.to_string());
         inputs.extend(documents.iter().cloned());
-        let embeddings = self.embed(EmbedRequest { model: model.to_string(), inputs, truncate: true, keep_alive: None }).await?;
-        let (query, documents) = embeddings.vectors.split_first().ok_or(ServiceError::Engine(EngineError::Stopped))?;
+        let tokenized = tokenize_for_embedding(&frontend, &inputs, true)?;
+        let tokens = tokenized.iter().map(Vec::len).sum();
+        let vectors = self.engine.embed(lease.id, tokenized).await?;
+        let (query, documents) = vectors.split_first().ok_or(ServiceError::Engine(EngineError::Stopped))?;
         let scores = documents.iter().map(|document| cosine(query, document)).collect();
-        Ok(Relevance { model: embeddings.model, scores, tokens: embeddings.prompt_tokens })
+        Ok(Relevance { model: name, scores, tokens })
     }
 
     /// The models directory, for handlers that write into the store.

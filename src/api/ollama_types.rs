@@ -32,6 +32,24 @@ pub struct Options {
 }
 
 impl Options {
+    /// A personality's or a session's parameters as Ollama's options.
+    pub fn from_parameters(parameters: &Parameters) -> Options {
+        Options {
+            temperature: parameters.temperature,
+            top_k: parameters.top_k.map(|k| k as i64),
+            top_p: parameters.top_p,
+            min_p: parameters.min_p,
+            num_predict: parameters.num_predict,
+            num_ctx: parameters.num_ctx.map(|n| n as i64),
+            repeat_penalty: parameters.repeat_penalty,
+            repeat_last_n: parameters.repeat_last_n,
+            presence_penalty: parameters.presence_penalty,
+            frequency_penalty: parameters.frequency_penalty,
+            seed: parameters.seed.map(|s| s as i64),
+            stop: (!parameters.stop.is_empty()).then(|| parameters.stop.clone()),
+        }
+    }
+
     pub fn to_parameters(&self) -> Result<Parameters, String> {
         let mut parameters = Parameters {
             temperature: self.temperature,
@@ -176,7 +194,7 @@ pub struct GenerateRequest {
     pub rag: Option<serde_json::Value>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct ChatRequest {
     #[schema(example = "SmolLM2-135M-Instruct")]
     pub model: String,
@@ -385,7 +403,7 @@ pub struct ProcessMemory {
     pub resident: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct ShowRequest {
     #[serde(alias = "name")]
     pub model: String,

@@ -390,8 +390,8 @@ fn response_stream(mut answer: Answer, echo: Echo, mut conversation: Vec<ChatMes
                 AnswerEvent::Text { text: piece, .. } => {
                     if piece.is_empty() { continue; }
                     if message_index.is_none() {
-                        for item in flush_reasoning(&mut reasoning, &mut output) {
-                            for value in item { yield event(&mut sequence, value); }
+                        for value in flush_reasoning(&mut reasoning, &mut output) {
+                            yield event(&mut sequence, value);
                         }
                         let index = output.len();
                         output.push(Value::Null);
@@ -406,8 +406,8 @@ fn response_stream(mut answer: Answer, echo: Echo, mut conversation: Vec<ChatMes
                 }
                 AnswerEvent::ToolCalls(new_calls) => calls.extend(new_calls),
                 AnswerEvent::Done(finish) => {
-                    for item in flush_reasoning(&mut reasoning, &mut output) {
-                        for value in item { yield event(&mut sequence, value); }
+                    for value in flush_reasoning(&mut reasoning, &mut output) {
+                        yield event(&mut sequence, value);
                     }
                     if message_index.is_none() && calls.is_empty() {
                         let index = output.len();
@@ -461,17 +461,17 @@ fn response_stream(mut answer: Answer, echo: Echo, mut conversation: Vec<ChatMes
 }
 
 /// Reasoning gathered so far becomes one output item (added and done at once).
-fn flush_reasoning(reasoning: &mut String, output: &mut Vec<Value>) -> Option<[Value; 2]> {
+fn flush_reasoning(reasoning: &mut String, output: &mut Vec<Value>) -> Vec<Value> {
     if reasoning.is_empty() {
-        return None;
+        return Vec::new();
     }
     let item = reasoning_item(&std::mem::take(reasoning));
     let index = output.len();
     output.push(item.clone());
-    Some([
+    vec![
         json!({"type": "response.output_item.added", "output_index": index, "item": item}),
         json!({"type": "response.output_item.done", "output_index": index, "item": item}),
-    ])
+    ]
 }
 
 /// Retrieve a stored response.

@@ -4,6 +4,7 @@
 //! the chosen language and the process exits non-zero; panics are turned into that same
 //! one-line form by the hook set in [`run`].
 
+pub mod client;
 mod config_cmd;
 mod models_cmd;
 mod rag_cmd;

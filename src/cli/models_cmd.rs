@@ -2,6 +2,7 @@
 //! directly, so they need no running server; `list` and `ps` also ask a running server which
 //! models it has loaded.
 
+use crate::api::ollama_types::{ProcessModel, ProcessResponse};
 use super::{CliError, CliResult, CreateArgs, PullArgs, RmArgs, ShowArgs};
 use crate::config::{format_bytes, Config};
 use crate::engine::ModelKind;
@@ -112,10 +113,10 @@ pub fn list() -> CliResult {
         });
     }
     print_table(&rows);
-    if let Some((models, _)) = loaded_models(&config).filter(|(m, _)| !m.is_empty()) {
+    if let Some(loaded) = loaded_models(&config).filter(|loaded| !loaded.models.is_empty()) {
         println!();
         println!("{}", t!("list.loaded"));
-        print_loaded(&models);
+        print_loaded(&loaded.models);
     }
     Ok(())
 }
@@ -228,25 +229,15 @@ pub fn rm(args: RmArgs) -> CliResult {
 }
 
 /// Models loaded by the running server, from its `/api/ps` (None when no server answers).
-fn loaded_models(config: &Config) -> Option<(Vec<serde_json::Value>, serde_json::Value)> {
+fn loaded_models(config: &Config) -> Option<ProcessResponse> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
-    runtime.block_on(async {
-        let client = reqwest::Client::builder().connect_timeout(std::time::Duration::from_millis(500)).timeout(std::time::Duration::from_secs(5)).build().ok()?;
-        let mut request = client.get(format!("{}/api/ps", config.server_url()));
-        if let Some(key) = &config.api_key {
-            request = request.header("X-API-Key", key);
-        }
-        let response = request.send().await.ok()?;
-        let body: serde_json::Value = response.json().await.ok()?;
-        Some((body["models"].as_array().cloned()?, body["memory"].clone()))
-    })
+    runtime.block_on(async { super::client::ServerClient::connect(config).await?.ps().await.ok() })
 }
 
-fn print_loaded(models: &[serde_json::Value]) {
+fn print_loaded(models: &[ProcessModel]) {
     let mut rows = vec![[t!("list.header.name"), t!("list.header.size"), t!("ps.header.until"), t!("ps.header.state")]];
     for model in models {
-        let expires = model["expires_at"].as_str().unwrap_or_default();
-        let until = chrono::DateTime::parse_from_rfc3339(expires)
+        let until = chrono::DateTime::parse_from_rfc3339(&model.expires_at)
             .map(|at| {
                 let left = at.with_timezone(&chrono::Utc) - chrono::Utc::now();
                 if left.num_days() > 3650 {
@@ -257,10 +248,10 @@ fn print_loaded(models: &[serde_json::Value]) {
             })
             .unwrap_or_default();
         rows.push([
-            model["name"].as_str().unwrap_or_default().trim_end_matches(":latest").to_string(),
-            format_bytes(model["size"].as_u64().unwrap_or(0)),
+            model.name.trim_end_matches(":latest").to_string(),
+            format_bytes(model.size),
             until,
-            if model["busy"] == true { t!("ps.busy") } else { t!("ps.idle") },
+            if model.busy { t!("ps.busy") } else { t!("ps.idle") },
         ]);
     }
     print_table(&rows);
@@ -270,11 +261,11 @@ pub fn ps() -> CliResult {
     let config = super::load_config()?;
     match loaded_models(&config) {
         None => println!("{}", t!("ps.no_server")),
-        Some((models, _)) if models.is_empty() => println!("{}", t!("ps.none_loaded")),
-        Some((models, memory)) => {
-            print_loaded(&models);
-            if let (Some(active), Some(peak)) = (memory["active"].as_u64(), memory["peak"].as_u64()) {
-                println!("{}", t!("ps.memory", active = format_bytes(active), peak = format_bytes(peak)));
+        Some(loaded) if loaded.models.is_empty() => println!("{}", t!("ps.none_loaded")),
+        Some(loaded) => {
+            print_loaded(&loaded.models);
+            if let Some(memory) = loaded.memory {
+                println!("{}", t!("ps.memory", active = format_bytes(memory.active), peak = format_bytes(memory.peak)));
             }
         }
     }

@@ -16,7 +16,9 @@ use serde_json::{json, Value};
 
 use super::{CliError, CliResult, RunArgs};
 use crate::config::Config;
+use super::client::{ChatLine, ClientError, ServerClient};
 use crate::answer::{AnswerEvent, ApiFamily, ChatMessage, ChatRequest, Options, RagOptions};
+use crate::api::ollama_types;
 use crate::rag::Source;
 use crate::service::Service;
 use crate::store::Parameters;
@@ -48,19 +50,8 @@ struct Answer {
 
 /// Where answers come from.
 enum Backend {
-    Remote { client: reqwest::Client, url: String, key: Option<String> },
+    Remote(ServerClient),
     Local(Service),
-}
-
-/// Whether a server answers at the configured address.
-async fn server_up(config: &Config) -> Option<reqwest::Client> {
-    let client = reqwest::Client::builder().connect_timeout(Duration::from_millis(500)).build().ok()?;
-    let response = client.get(format!("{}/health", config.server_url())).timeout(Duration::from_secs(2)).send().await.ok()?;
-    response.status().is_success().then_some(client)
-}
-
-fn parameters_json(parameters: &Parameters) -> Value {
-    serde_json::to_value(parameters).unwrap_or_else(|_| json!({}))
 }
 
 impl Backend {
@@ -70,57 +61,46 @@ impl Backend {
         let interrupt = tokio::signal::ctrl_c();
         tokio::pin!(interrupt);
         match self {
-            Backend::Remote { client, url, key } => {
-                let mut body = json!({
-                    "model": model,
-                    "messages": messages.iter().map(|m| json!({"role": m.role, "content": m.content})).collect::<Vec<_>>(),
-                    "stream": true,
-                    "options": parameters_json(parameters),
-                });
-                if let Some(rag) = rag {
-                    body["rag"] = serde_json::to_value(rag).unwrap_or_default();
-                }
-                let mut request = client.post(format!("{url}/api/chat")).json(&body);
-                if let Some(key) = key {
-                    request = request.header("X-API-Key", key);
-                }
-                let response = request.send().await.map_err(|e| CliError(msg!("run.error.server", reason = e)))?;
-                if !response.status().is_success() {
-                    let body: Value = response.json().await.unwrap_or_default();
-                    let reason = body["error"].as_str().unwrap_or("unknown error").to_string();
-                    return Err(CliError(msg!("run.error.server", reason = reason)));
-                }
-                let mut stream = response.bytes_stream();
-                let mut buffer = Vec::new();
+            Backend::Remote(client) => {
+                let request = ollama_types::ChatRequest {
+                    model: model.to_string(),
+                    messages: messages.iter().map(|m| ollama_types::Message { role: m.role.clone(), ..ollama_types::Message::assistant(m.content.clone()) }).collect(),
+                    stream: Some(true),
+                    options: Some(ollama_types::Options::from_parameters(parameters)),
+                    rag: rag.map(|rag| serde_json::to_value(rag).unwrap_or_default()),
+                    ..Default::default()
+                };
+                let server_error = |e: ClientError| CliError(msg!("run.error.server", reason = e));
+                let lines = client.chat(&request).await.map_err(server_error)?;
+                futures::pin_mut!(lines);
                 loop {
-                    let chunk = tokio::select! {
-                        chunk = stream.next() => chunk,
+                    let line = tokio::select! {
+                        line = lines.next() => line,
                         _ = &mut interrupt => { answer.interrupted = true; break; }
                     };
-                    let Some(chunk) = chunk else { break };
-                    buffer.extend_from_slice(&chunk.map_err(|e| CliError(msg!("run.error.server", reason = e)))?);
-                    while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
-                        let line: Vec<u8> = buffer.drain(..=end).collect();
-                        let value: Value = serde_json::from_slice(&line).unwrap_or_default();
-                        if let Some(error) = value["error"].as_str() {
-                            return Err(CliError(msg!("run.error.server", reason = error)));
-                        }
-                        if let Some(text) = value["message"]["content"].as_str() {
-                            if !text.is_empty() {
-                                answer.text.push_str(text);
-                                let _ = write!(out, "{text}");
-                                let _ = out.flush();
-                            }
-                        }
-                        if value["done"] == true {
-                            let nanos = |key: &str| Duration::from_nanos(value[key].as_u64().unwrap_or(0));
-                            answer.prompt_tokens = value["prompt_eval_count"].as_u64().unwrap_or(0) as usize;
-                            answer.completion_tokens = value["eval_count"].as_u64().unwrap_or(0) as usize;
-                            answer.load = nanos("load_duration");
-                            answer.prompt_eval = nanos("prompt_eval_duration");
-                            answer.eval = nanos("eval_duration");
-                            answer.sources = serde_json::from_value(value["rag"]["sources"].clone()).unwrap_or_default();
-                        }
+                    let piece = match line {
+                        None => break,
+                        Some(Err(error)) => return Err(server_error(error)),
+                        Some(Ok(ChatLine::Error { error })) => return Err(CliError(msg!("run.error.server", reason = error))),
+                        Some(Ok(ChatLine::Piece(piece))) => piece,
+                    };
+                    if let Some(thinking) = piece.message.thinking.as_deref().filter(|t| !t.is_empty()) {
+                        // Thinking is shown dimmed and kept out of the history.
+                        let _ = write!(out, "\x1b[2m{thinking}\x1b[0m");
+                    }
+                    if !piece.message.content.is_empty() {
+                        answer.text.push_str(&piece.message.content);
+                        let _ = write!(out, "{}", piece.message.content);
+                    }
+                    let _ = out.flush();
+                    if piece.done {
+                        let nanos = |value: Option<u64>| Duration::from_nanos(value.unwrap_or(0));
+                        answer.prompt_tokens = piece.metrics.prompt_eval_count.unwrap_or(0);
+                        answer.completion_tokens = piece.metrics.eval_count.unwrap_or(0);
+                        answer.load = nanos(piece.metrics.load_duration);
+                        answer.prompt_eval = nanos(piece.metrics.prompt_eval_duration);
+                        answer.eval = nanos(piece.metrics.eval_duration);
+                        answer.sources = piece.rag.as_ref().and_then(|rag| serde_json::from_value(rag["sources"].clone()).ok()).unwrap_or_default();
                     }
                 }
             }
@@ -173,18 +153,9 @@ impl Backend {
     /// The model's details for `/show`.
     async fn show(&self, model: &str) -> Result<Value, CliError> {
         match self {
-            Backend::Remote { client, url, key } => {
-                let mut request = client.post(format!("{url}/api/show")).json(&json!({"model": model}));
-                if let Some(key) = key {
-                    request = request.header("X-API-Key", key);
-                }
-                let response = request.send().await.map_err(|e| CliError(msg!("run.error.server", reason = e)))?;
-                let status = response.status();
-                let body: Value = response.json().await.unwrap_or_default();
-                if !status.is_success() {
-                    return Err(CliError(msg!("run.error.server", reason = body["error"].as_str().unwrap_or("error"))));
-                }
-                Ok(body)
+            Backend::Remote(client) => {
+                let shown = client.show(model).await.map_err(|e| CliError(msg!("run.error.server", reason = e)))?;
+                Ok(serde_json::to_value(shown).unwrap_or_default())
             }
             Backend::Local(service) => {
                 let resolved = service.resolve(model).map_err(|e| CliError(e.msg()))?;
@@ -358,8 +329,8 @@ pub fn run(args: RunArgs) -> CliResult {
         .build()
         .map_err(|error| CliError(msg!("serve.error.runtime", reason = error)))?;
     runtime.block_on(async move {
-        let backend = match server_up(&config).await {
-            Some(client) => Backend::Remote { client, url: config.server_url(), key: config.api_key.clone() },
+        let backend = match ServerClient::connect(&config).await {
+            Some(client) => Backend::Remote(client),
             None => {
                 eprintln!("{}", t!("run.in_process"));
                 Backend::Local(Service::start(config.clone()))
@@ -398,20 +369,7 @@ async fn one_shot(session: &mut Session, prompt: &str) -> CliResult {
 async fn warm_up(session: &Session) -> CliResult {
     let bar = spinner(t!("run.loading", name = session.model));
     let outcome = match &session.backend {
-        Backend::Remote { client, url, key } => {
-            let mut request = client.post(format!("{url}/api/chat")).json(&json!({"model": session.model, "messages": []}));
-            if let Some(key) = key {
-                request = request.header("X-API-Key", key);
-            }
-            match request.send().await {
-                Ok(response) if response.status().is_success() => Ok(()),
-                Ok(response) => {
-                    let body: Value = response.json().await.unwrap_or_default();
-                    Err(CliError(msg!("run.error.server", reason = body["error"].as_str().unwrap_or("error"))))
-                }
-                Err(error) => Err(CliError(msg!("run.error.server", reason = error))),
-            }
-        }
+        Backend::Remote(client) => client.load(&session.model).await.map_err(|e| CliError(msg!("run.error.server", reason = e))),
         Backend::Local(service) => match service.resolve(&session.model) {
             Ok(resolved) => service.lease(&resolved, None).await.map(drop).map_err(|e| CliError(e.msg())),
             Err(error) => Err(CliError(error.msg())),

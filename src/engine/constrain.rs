@@ -45,9 +45,11 @@ NUMBER: /-?(0|[1-9][0-9]{0,15})(\.[0-9]{1,8})?([eE][+-]?[0-9]{1,3})?/
 "#;
 
 /// Fixed separators and no free whitespace: a small model given free whitespace can emit
-/// newlines until it runs out of tokens. Unknown schema keywords (formats, titles) are
-/// ignored rather than refused, as OpenAI's non-strict mode does.
+/// newlines until it runs out of tokens. Numbers are bounded too (see [`bound_numbers`]).
+/// Unknown schema keywords (formats, titles) are ignored rather than refused, as OpenAI's
+/// non-strict mode does.
 pub fn with_compact_layout(mut schema: serde_json::Value) -> serde_json::Value {
+    bound_numbers(&mut schema);
     if let Some(object) = schema.as_object_mut() {
         let options = object.entry("x-guidance").or_insert_with(|| serde_json::json!({}));
         if let Some(options) = options.as_object_mut() {
@@ -58,6 +60,44 @@ pub fn with_compact_layout(mut schema: serde_json::Value) -> serde_json::Value {
         }
     }
     schema
+}
+
+/// The largest integral part a schema's number may have: 16 digits, as llama.cpp's
+/// schema converter allows.
+const MAX_INTEGRAL: i64 = 9_999_999_999_999_999;
+
+/// Gives every integer and number in a schema a bounded number of digits (16 before the
+/// point, 8 after), unless the schema bounds them itself: unbounded, a small model at
+/// temperature 0 can write `1111…` until its token budget runs out.
+fn bound_numbers(schema: &mut serde_json::Value) {
+    match schema {
+        serde_json::Value::Object(object) => {
+            let types: Vec<String> = match object.get("type") {
+                Some(serde_json::Value::String(kind)) => vec![kind.clone()],
+                Some(serde_json::Value::Array(kinds)) => kinds.iter().filter_map(|k| k.as_str().map(str::to_string)).collect(),
+                _ => Vec::new(),
+            };
+            if types.iter().any(|t| t == "integer" || t == "number") {
+                if !object.contains_key("minimum") && !object.contains_key("exclusiveMinimum") {
+                    object.insert("minimum".into(), (-MAX_INTEGRAL).into());
+                }
+                if !object.contains_key("maximum") && !object.contains_key("exclusiveMaximum") {
+                    object.insert("maximum".into(), MAX_INTEGRAL.into());
+                }
+                if types.iter().all(|t| t != "integer") && !object.contains_key("multipleOf") {
+                    object.insert("multipleOf".into(), serde_json::json!(1e-8));
+                }
+            }
+            // Values of these keywords are data, not schemas.
+            for (key, value) in object.iter_mut() {
+                if !matches!(key.as_str(), "const" | "enum" | "default" | "examples") {
+                    bound_numbers(value);
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(bound_numbers),
+        _ => {}
+    }
 }
 
 /// Our tokenizer as llguidance sees it: the bytes of every token, in a trie.
@@ -184,6 +224,18 @@ mod tests {
         assert!(!accepts(&grammar, r#"{"n": 3, "c": "green"}"#));
         assert!(!accepts(&grammar, r#"{"n": 3}"#));
         assert!(!accepts(&grammar, r#"{"n": "3", "c": "red"}"#));
+    }
+
+    #[test]
+    fn numbers_get_a_bounded_number_of_digits() {
+        let grammar = Grammar::JsonSchema(serde_json::json!({"type": "object", "properties": {"age": {"type": "integer"}, "x": {"type": "number"}}, "required": ["age", "x"]}));
+        assert!(accepts(&grammar, r#"{"age": 9999999999999999, "x": -12.5}"#));
+        assert!(!accepts(&grammar, r#"{"age": 11111111111111111, "x": 1}"#), "17 integral digits");
+        assert!(accepts(&grammar, r#"{"age": 1, "x": 0.12345678}"#));
+        assert!(!accepts(&grammar, r#"{"age": 1, "x": 0.123456789}"#), "9 fraction digits");
+        // A schema's own bounds stand, and constants are left alone.
+        let own = with_compact_layout(serde_json::json!({"type": "integer", "maximum": 5, "const": {"type": "integer"}}));
+        assert_eq!((own["maximum"].clone(), own["const"].clone()), (serde_json::json!(5), serde_json::json!({"type": "integer"})));
     }
 
     #[test]

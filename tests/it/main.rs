@@ -5,6 +5,7 @@ mod common;
 mod config_cli;
 mod engine_reference;
 mod families;
+mod handlers;
 mod hub;
 mod i18n_catalogs;
 mod models;
