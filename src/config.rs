@@ -256,6 +256,9 @@ pub struct RagConfig {
     /// A LanceDB URI: a local folder (default under the home) or object storage.
     pub uri: String,
     pub default_embedding_model: Option<String>,
+    /// A cross-encoder (or embedding model) that reorders retrieved chunks before the best
+    /// `top_k` go into the prompt.
+    pub rerank_model: Option<String>,
     pub top_k: usize,
     pub min_score: f32,
 }
@@ -308,6 +311,7 @@ impl Config {
             rag: RagConfig {
                 uri: home.join("rag").to_string_lossy().into_owned(),
                 default_embedding_model: None,
+                rerank_model: None,
                 top_k: 4,
                 min_score: 0.0,
             },
@@ -340,235 +344,35 @@ impl Config {
     /// Applies one `key = value` setting, validating it. Keys are the TOML names, with
     /// dotted names for tables (`rag.uri`, `engine.cpu_dtype`).
     pub fn set(&mut self, key: &str, value: &str) -> Result<(), ConfigError> {
-        let invalid = |expected: &'static str| ConfigError::InvalidValue {
-            key: key.to_string(),
-            value: value.to_string(),
-            expected,
-        };
-        match key {
-            "language" => self.language = value.parse().map_err(|_| invalid("en | ja"))?,
-            "models_dir" => self.models_dir = expand_home(value),
-            "host" => {
-                if value.trim().is_empty() {
-                    return Err(invalid("a host name or IP address"));
-                }
-                self.host = value.trim().to_string()
-            }
-            "port" => {
-                self.port = value
-                    .trim()
-                    .parse::<u16>()
-                    .ok()
-                    .filter(|port| *port > 0)
-                    .ok_or_else(|| invalid("a port number from 1 to 65535"))?
-            }
-            "api_key" => {
-                let value = value.trim();
-                self.api_key = (!value.is_empty()).then(|| value.to_string())
-            }
-            "keep_alive" => {
-                self.keep_alive =
-                    KeepAlive::parse(value).ok_or_else(|| invalid("a duration such as 5m, 30s or -1"))?
-            }
-            "max_loaded_models" => {
-                self.max_loaded_models = value
-                    .trim()
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|count| *count > 0)
-                    .ok_or_else(|| invalid("a positive whole number"))?
-            }
-            "memory_limit" => {
-                self.memory_limit =
-                    MemoryLimit::parse(value).ok_or_else(|| invalid("bytes such as 8GiB, or auto"))?
-            }
-            "max_queue" => {
-                self.max_queue =
-                    value.trim().parse().map_err(|_| invalid("a whole number"))?
-            }
-            "context_length" => {
-                self.context_length = value
-                    .trim()
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|tokens| *tokens >= 16)
-                    .ok_or_else(|| invalid("a number of tokens, at least 16"))?
-            }
-            "cors_origins" => {
-                self.cors_origins = value
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|origin| !origin.is_empty())
-                    .map(str::to_string)
-                    .collect()
-            }
-            "max_body_size" => {
-                self.max_body_bytes =
-                    parse_bytes(value).filter(|b| *b > 0).ok_or_else(|| invalid("bytes such as 32MiB"))?
-            }
-            "request_timeout" => {
-                self.request_timeout =
-                    parse_duration(value).ok_or_else(|| invalid("a duration such as 10m"))?
-            }
-            "shutdown_timeout" => {
-                self.shutdown_timeout =
-                    parse_duration(value).ok_or_else(|| invalid("a duration such as 30s"))?
-            }
-            "metrics" => {
-                self.metrics = match value.trim().to_ascii_lowercase().as_str() {
-                    "true" | "on" | "yes" | "1" => true,
-                    "false" | "off" | "no" | "0" => false,
-                    _ => return Err(invalid("true or false")),
-                }
-            }
-            "engine.cpu_dtype" => {
-                self.engine.cpu_dtype =
-                    value.parse().map_err(|_| invalid("float32 | float16 | bfloat16 | quantized"))?
-            }
-            "engine.prefill_chunk" => {
-                self.engine.prefill_chunk = value
-                    .trim()
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|n| *n >= 16)
-                    .ok_or_else(|| invalid("a whole number of at least 16"))?
-            }
-            "engine.max_batch" => {
-                self.engine.max_batch = value
-                    .trim()
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|n| *n > 0)
-                    .ok_or_else(|| invalid("a positive whole number"))?
-            }
-            "engine.prefix_cache" => {
-                self.engine.prefix_cache_bytes = parse_bytes(value).ok_or_else(|| invalid("bytes such as 1GiB, or 0 to turn it off"))?
-            }
-            "engine.gpu_memory_fraction" => {
-                self.engine.gpu_memory_fraction = value
-                    .trim()
-                    .parse::<f32>()
-                    .ok()
-                    .filter(|f| *f > 0.0 && *f <= 1.0)
-                    .ok_or_else(|| invalid("a fraction above 0 and at most 1, such as 0.9"))?
-            }
-            "engine.cache_limit" => {
-                self.engine.cache_limit_bytes = parse_bytes(value).ok_or_else(|| invalid("bytes such as 1GiB"))?
-            }
-            "rag.uri" => {
-                let value = value.trim();
-                if value.is_empty() {
-                    return Err(invalid("a folder or a LanceDB URI"));
-                }
-                self.rag.uri = if value.contains("://") {
-                    value.to_string()
-                } else {
-                    expand_home(value).to_string_lossy().into_owned()
-                }
-            }
-            "rag.default_embedding_model" => {
-                let value = value.trim();
-                self.rag.default_embedding_model = (!value.is_empty()).then(|| value.to_string())
-            }
-            "rag.top_k" => {
-                self.rag.top_k = value
-                    .trim()
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|k| (1..=100).contains(k))
-                    .ok_or_else(|| invalid("a whole number from 1 to 100"))?
-            }
-            "rag.min_score" => {
-                self.rag.min_score = value
-                    .trim()
-                    .parse::<f32>()
-                    .ok()
-                    .filter(|s| s.is_finite())
-                    .ok_or_else(|| invalid("a number such as 0.3"))?
-            }
-            _ => return Err(ConfigError::UnknownKey { key: key.to_string() }),
-        }
-        Ok(())
+        let spec = KEYS.iter().find(|spec| spec.name == key).ok_or_else(|| ConfigError::UnknownKey { key: key.to_string() })?;
+        (spec.set)(self, value).map_err(|expected| ConfigError::InvalidValue { key: key.to_string(), value: value.to_string(), expected })
     }
 
     /// The value of one key as `config set` takes it.
     pub fn get(&self, key: &str) -> Option<String> {
-        Some(match key {
-            "language" => self.language.to_string(),
-            "models_dir" => self.models_dir.display().to_string(),
-            "host" => self.host.clone(),
-            "port" => self.port.to_string(),
-            "api_key" => self.api_key.clone().unwrap_or_default(),
-            "keep_alive" => self.keep_alive.to_string(),
-            "max_loaded_models" => self.max_loaded_models.to_string(),
-            "memory_limit" => self.memory_limit.to_string(),
-            "max_queue" => self.max_queue.to_string(),
-            "context_length" => self.context_length.to_string(),
-            "cors_origins" => self.cors_origins.join(","),
-            "max_body_size" => format_bytes(self.max_body_bytes).replace(' ', ""),
-            "request_timeout" => humantime::format_duration(self.request_timeout).to_string(),
-            "shutdown_timeout" => humantime::format_duration(self.shutdown_timeout).to_string(),
-            "metrics" => self.metrics.to_string(),
-            "engine.cpu_dtype" => self.engine.cpu_dtype.to_string(),
-            "engine.prefill_chunk" => self.engine.prefill_chunk.to_string(),
-            "engine.max_batch" => self.engine.max_batch.to_string(),
-            "engine.prefix_cache" => format_bytes(self.engine.prefix_cache_bytes).replace(' ', ""),
-            "engine.gpu_memory_fraction" => self.engine.gpu_memory_fraction.to_string(),
-            "engine.cache_limit" => format_bytes(self.engine.cache_limit_bytes).replace(' ', ""),
-            "rag.uri" => self.rag.uri.clone(),
-            "rag.default_embedding_model" => {
-                self.rag.default_embedding_model.clone().unwrap_or_default()
-            }
-            "rag.top_k" => self.rag.top_k.to_string(),
-            "rag.min_score" => self.rag.min_score.to_string(),
-            _ => return None,
-        })
+        KEYS.iter().find(|spec| spec.name == key).map(|spec| (spec.get)(self))
     }
 
     /// Every key `config set` accepts, in file order.
-    pub const KEYS: &'static [&'static str] = &[
-        "language",
-        "models_dir",
-        "host",
-        "port",
-        "api_key",
-        "keep_alive",
-        "max_loaded_models",
-        "memory_limit",
-        "max_queue",
-        "context_length",
-        "cors_origins",
-        "max_body_size",
-        "request_timeout",
-        "shutdown_timeout",
-        "metrics",
-        "engine.cpu_dtype",
-        "engine.prefill_chunk",
-        "engine.max_batch",
-        "engine.prefix_cache",
-        "engine.gpu_memory_fraction",
-        "engine.cache_limit",
-        "rag.uri",
-        "rag.default_embedding_model",
-        "rag.top_k",
-        "rag.min_score",
-    ];
+    pub fn keys() -> impl Iterator<Item = &'static str> {
+        KEYS.iter().map(|spec| spec.name)
+    }
 
     /// The TOML document for this configuration (what `config setup` writes).
     pub fn to_toml(&self) -> String {
         let mut root = toml::Table::new();
         let mut engine = toml::Table::new();
         let mut rag = toml::Table::new();
-        for key in Self::KEYS {
-            let Some(value) = self.get(key) else { continue };
+        for spec in KEYS {
+            let value = (spec.get)(self);
             if value.is_empty() {
                 continue;
             }
-            let value = typed_toml_value(key, &value);
-            match key.split_once('.') {
+            let value = spec.kind.toml(&value);
+            match spec.name.split_once('.') {
                 Some(("engine", name)) => engine.insert(name.to_string(), value),
                 Some(("rag", name)) => rag.insert(name.to_string(), value),
-                _ => root.insert(key.to_string(), value),
+                _ => root.insert(spec.name.to_string(), value),
             };
         }
         root.insert("engine".into(), toml::Value::Table(engine));
@@ -578,18 +382,203 @@ impl Config {
     }
 }
 
-fn typed_toml_value(key: &str, value: &str) -> toml::Value {
-    match key {
-        "port" | "max_loaded_models" | "max_queue" | "context_length" | "engine.prefill_chunk" | "engine.max_batch"
-        | "rag.top_k" => value.parse::<i64>().map(toml::Value::Integer).unwrap_or_else(|_| value.into()),
-        "rag.min_score" | "engine.gpu_memory_fraction" => value.parse::<f64>().map(toml::Value::Float).unwrap_or_else(|_| value.into()),
-        "metrics" => value.parse::<bool>().map(toml::Value::Boolean).unwrap_or_else(|_| value.into()),
-        "cors_origins" => toml::Value::Array(
-            value.split(',').filter(|s| !s.is_empty()).map(|s| toml::Value::String(s.to_string())).collect(),
-        ),
-        _ => toml::Value::String(value.to_string()),
+/// How a key's value is written in TOML.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Text,
+    Integer,
+    Float,
+    Bool,
+    /// Comma-separated in `config set`, an array in the file.
+    List,
+}
+
+impl Kind {
+    fn toml(self, value: &str) -> toml::Value {
+        let text = || toml::Value::String(value.to_string());
+        match self {
+            Kind::Text => text(),
+            Kind::Integer => value.parse::<i64>().map(toml::Value::Integer).unwrap_or_else(|_| text()),
+            Kind::Float => value.parse::<f64>().map(toml::Value::Float).unwrap_or_else(|_| text()),
+            Kind::Bool => value.parse::<bool>().map(toml::Value::Boolean).unwrap_or_else(|_| text()),
+            Kind::List => toml::Value::Array(value.split(',').filter(|s| !s.is_empty()).map(|s| toml::Value::String(s.to_string())).collect()),
+        }
     }
 }
+
+/// One configuration key, defined once: its name (the TOML name, dotted inside a table), its
+/// TOML type, how it is read, and how a text value is checked and applied (the error is what
+/// a valid value looks like).
+struct KeySpec {
+    name: &'static str,
+    kind: Kind,
+    get: fn(&Config) -> String,
+    set: fn(&mut Config, &str) -> Result<(), &'static str>,
+}
+
+fn number<T: std::str::FromStr>(value: &str, valid: impl Fn(&T) -> bool, expected: &'static str) -> Result<T, &'static str> {
+    value.trim().parse::<T>().ok().filter(valid).ok_or(expected)
+}
+
+fn optional_text(value: &str) -> Option<String> {
+    let value = value.trim();
+    (!value.is_empty()).then(|| value.to_string())
+}
+
+fn bytes_text(bytes: u64) -> String {
+    format_bytes(bytes).replace(' ', "")
+}
+
+/// Every key, in file order.
+const KEYS: &[KeySpec] = &[
+    KeySpec { name: "language", kind: Kind::Text, get: |c| c.language.to_string(), set: |c, v| Ok(c.language = v.parse().map_err(|_| "en | ja")?) },
+    KeySpec { name: "models_dir", kind: Kind::Text, get: |c| c.models_dir.display().to_string(), set: |c, v| Ok(c.models_dir = expand_home(v)) },
+    KeySpec {
+        name: "host",
+        kind: Kind::Text,
+        get: |c| c.host.clone(),
+        set: |c, v| Ok(c.host = optional_text(v).ok_or("a host name or IP address")?),
+    },
+    KeySpec {
+        name: "port",
+        kind: Kind::Integer,
+        get: |c| c.port.to_string(),
+        set: |c, v| Ok(c.port = number(v, |port: &u16| *port > 0, "a port number from 1 to 65535")?),
+    },
+    KeySpec { name: "api_key", kind: Kind::Text, get: |c| c.api_key.clone().unwrap_or_default(), set: |c, v| Ok(c.api_key = optional_text(v)) },
+    KeySpec {
+        name: "keep_alive",
+        kind: Kind::Text,
+        get: |c| c.keep_alive.to_string(),
+        set: |c, v| Ok(c.keep_alive = KeepAlive::parse(v).ok_or("a duration such as 5m, 30s or -1")?),
+    },
+    KeySpec {
+        name: "max_loaded_models",
+        kind: Kind::Integer,
+        get: |c| c.max_loaded_models.to_string(),
+        set: |c, v| Ok(c.max_loaded_models = number(v, |n: &usize| *n > 0, "a positive whole number")?),
+    },
+    KeySpec {
+        name: "memory_limit",
+        kind: Kind::Text,
+        get: |c| c.memory_limit.to_string(),
+        set: |c, v| Ok(c.memory_limit = MemoryLimit::parse(v).ok_or("bytes such as 8GiB, or auto")?),
+    },
+    KeySpec { name: "max_queue", kind: Kind::Integer, get: |c| c.max_queue.to_string(), set: |c, v| Ok(c.max_queue = number(v, |_: &usize| true, "a whole number")?) },
+    KeySpec {
+        name: "context_length",
+        kind: Kind::Integer,
+        get: |c| c.context_length.to_string(),
+        set: |c, v| Ok(c.context_length = number(v, |n: &usize| *n >= 16, "a number of tokens, at least 16")?),
+    },
+    KeySpec {
+        name: "cors_origins",
+        kind: Kind::List,
+        get: |c| c.cors_origins.join(","),
+        set: |c, v| Ok(c.cors_origins = v.split(',').map(str::trim).filter(|o| !o.is_empty()).map(str::to_string).collect()),
+    },
+    KeySpec {
+        name: "max_body_size",
+        kind: Kind::Text,
+        get: |c| bytes_text(c.max_body_bytes),
+        set: |c, v| Ok(c.max_body_bytes = parse_bytes(v).filter(|b| *b > 0).ok_or("bytes such as 32MiB")?),
+    },
+    KeySpec {
+        name: "request_timeout",
+        kind: Kind::Text,
+        get: |c| humantime::format_duration(c.request_timeout).to_string(),
+        set: |c, v| Ok(c.request_timeout = parse_duration(v).ok_or("a duration such as 10m")?),
+    },
+    KeySpec {
+        name: "shutdown_timeout",
+        kind: Kind::Text,
+        get: |c| humantime::format_duration(c.shutdown_timeout).to_string(),
+        set: |c, v| Ok(c.shutdown_timeout = parse_duration(v).ok_or("a duration such as 30s")?),
+    },
+    KeySpec {
+        name: "metrics",
+        kind: Kind::Bool,
+        get: |c| c.metrics.to_string(),
+        set: |c, v| {
+            c.metrics = match v.trim().to_ascii_lowercase().as_str() {
+                "true" | "on" | "yes" | "1" => true,
+                "false" | "off" | "no" | "0" => false,
+                _ => return Err("true or false"),
+            };
+            Ok(())
+        },
+    },
+    KeySpec {
+        name: "engine.cpu_dtype",
+        kind: Kind::Text,
+        get: |c| c.engine.cpu_dtype.to_string(),
+        set: |c, v| Ok(c.engine.cpu_dtype = v.parse().map_err(|_| "float32 | float16 | bfloat16 | quantized")?),
+    },
+    KeySpec {
+        name: "engine.prefill_chunk",
+        kind: Kind::Integer,
+        get: |c| c.engine.prefill_chunk.to_string(),
+        set: |c, v| Ok(c.engine.prefill_chunk = number(v, |n: &usize| *n >= 16, "a whole number of at least 16")?),
+    },
+    KeySpec {
+        name: "engine.max_batch",
+        kind: Kind::Integer,
+        get: |c| c.engine.max_batch.to_string(),
+        set: |c, v| Ok(c.engine.max_batch = number(v, |n: &usize| *n > 0, "a positive whole number")?),
+    },
+    KeySpec {
+        name: "engine.prefix_cache",
+        kind: Kind::Text,
+        get: |c| bytes_text(c.engine.prefix_cache_bytes),
+        set: |c, v| Ok(c.engine.prefix_cache_bytes = parse_bytes(v).ok_or("bytes such as 1GiB, or 0 to turn it off")?),
+    },
+    KeySpec {
+        name: "engine.gpu_memory_fraction",
+        kind: Kind::Float,
+        get: |c| c.engine.gpu_memory_fraction.to_string(),
+        set: |c, v| Ok(c.engine.gpu_memory_fraction = number(v, |f: &f32| *f > 0.0 && *f <= 1.0, "a fraction above 0 and at most 1, such as 0.9")?),
+    },
+    KeySpec {
+        name: "engine.cache_limit",
+        kind: Kind::Text,
+        get: |c| bytes_text(c.engine.cache_limit_bytes),
+        set: |c, v| Ok(c.engine.cache_limit_bytes = parse_bytes(v).ok_or("bytes such as 1GiB")?),
+    },
+    KeySpec {
+        name: "rag.uri",
+        kind: Kind::Text,
+        get: |c| c.rag.uri.clone(),
+        set: |c, v| {
+            let value = optional_text(v).ok_or("a folder or a LanceDB URI")?;
+            c.rag.uri = if value.contains("://") { value } else { expand_home(&value).to_string_lossy().into_owned() };
+            Ok(())
+        },
+    },
+    KeySpec {
+        name: "rag.default_embedding_model",
+        kind: Kind::Text,
+        get: |c| c.rag.default_embedding_model.clone().unwrap_or_default(),
+        set: |c, v| Ok(c.rag.default_embedding_model = optional_text(v)),
+    },
+    KeySpec {
+        name: "rag.rerank_model",
+        kind: Kind::Text,
+        get: |c| c.rag.rerank_model.clone().unwrap_or_default(),
+        set: |c, v| Ok(c.rag.rerank_model = optional_text(v)),
+    },
+    KeySpec {
+        name: "rag.top_k",
+        kind: Kind::Integer,
+        get: |c| c.rag.top_k.to_string(),
+        set: |c, v| Ok(c.rag.top_k = number(v, |k: &usize| (1..=100).contains(k), "a whole number from 1 to 100")?),
+    },
+    KeySpec {
+        name: "rag.min_score",
+        kind: Kind::Float,
+        get: |c| c.rag.min_score.to_string(),
+        set: |c, v| Ok(c.rag.min_score = number(v, |s: &f32| s.is_finite(), "a number such as 0.3")?),
+    },
+];
 
 fn parse_duration(value: &str) -> Option<Duration> {
     let value = value.trim();
@@ -681,11 +670,10 @@ fn apply_legacy_json(config: &mut Config, source: &str, path: &Path) -> Result<(
 
 /// Environment variables that override the file (`MLXSERVER_<KEY>`, dots as underscores).
 pub fn env_overrides() -> Vec<(&'static str, String)> {
-    Config::KEYS
-        .iter()
+    Config::keys()
         .filter_map(|key| {
             let name = format!("MLXSERVER_{}", key.replace('.', "_").to_ascii_uppercase());
-            std::env::var(&name).ok().map(|value| (*key, value))
+            std::env::var(&name).ok().map(|value| (key, value))
         })
         .collect()
 }
@@ -767,7 +755,8 @@ pub fn set_in_file(home: &Path, key: &str, value: &str) -> Result<Config, Config
     if canonical.is_empty() {
         target.remove(name);
     } else {
-        target.insert(name.to_string(), typed_toml_value(key, &canonical));
+        let kind = KEYS.iter().find(|spec| spec.name == key).map_or(Kind::Text, |spec| spec.kind);
+        target.insert(name.to_string(), kind.toml(&canonical));
     }
     let text = toml::to_string_pretty(&table).unwrap_or_default();
     let mut config = Config::defaults(home);

@@ -113,7 +113,25 @@ impl Service {
         let vector = self.embed_with(&lease, &frontend, &[question.to_string()]).await?.pop().unwrap_or_default();
         let top_k = options.top_k.unwrap_or(self.config.rag.top_k).clamp(1, 100);
         let min_score = options.min_score.unwrap_or(self.config.rag.min_score);
-        Ok(index.search(&collection, &ModelName::parse(&model).map(|n| n.to_string()).unwrap_or(model), vector, top_k, min_score).await?)
+        let model = ModelName::parse(&model).map(|n| n.to_string()).unwrap_or(model);
+        let Some(reranker) = &self.config.rag.rerank_model else {
+            return Ok(index.search(&collection, &model, vector, top_k, min_score).await?);
+        };
+        // A reranker sees more candidates than will be kept, and decides which stay.
+        let candidates = index.search(&collection, &model, vector, (top_k * 4).min(100), min_score).await?;
+        if candidates.is_empty() {
+            return Ok(candidates);
+        }
+        let texts: Vec<String> = candidates.iter().map(|c| c.text.clone()).collect();
+        let relevance = self.rerank(reranker, question, &texts).await?;
+        let mut ranked: Vec<(f32, Source)> = relevance.scores.into_iter().zip(candidates).collect();
+        ranked.sort_by(|a, b| b.0.total_cmp(&a.0));
+        Ok(ranked
+            .into_iter()
+            .take(top_k)
+            .enumerate()
+            .map(|(position, (score, source))| Source { index: position + 1, score, ..source })
+            .collect())
     }
 
     pub fn resolve(&self, name: &str) -> Result<Resolved> {

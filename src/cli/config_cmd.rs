@@ -28,9 +28,9 @@ fn show() -> CliResult {
     let path = config.config_path();
     let origin = if path.exists() { t!("config.show.file", path = path.display()) } else { t!("config.show.no_file") };
     println!("{origin}");
-    for key in Config::KEYS {
+    for key in Config::keys() {
         let value = config.get(key).unwrap_or_default();
-        let value = match *key {
+        let value = match key {
             "api_key" if !value.is_empty() => mask_secret(&value),
             _ if value.is_empty() => "-".to_string(),
             _ => value,

@@ -117,7 +117,8 @@ pub struct Source {
     /// The file the chunk came from.
     pub source: String,
     pub chunk_index: i32,
-    /// Cosine similarity, from -1 to 1.
+    /// Cosine similarity (-1 to 1), or the reranker's relevance when one reordered the
+    /// chunks (`rag.rerank_model`).
     pub score: f32,
     pub text: String,
 }

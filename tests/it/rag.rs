@@ -131,6 +131,32 @@ async fn documents_are_indexed_retrieved_and_cited() {
     assert_eq!(missing.status(), 404);
     drop(server);
 
+    // With a reranker configured, candidates are reordered by its relevance before the best
+    // top_k are kept: each source's score is what /v1/rerank gives its text.
+    let server = start(&home, &[("MLXSERVER_RAG_RERANK_MODEL", EMBED)], &[]);
+    let question = "What are the names of the moons of Zorblat?";
+    let answer = ask(&server, question).await;
+    assert_eq!(top_source(&answer), "zorblat.md", "{}", answer["rag"]);
+    let sources = answer["rag"]["sources"].as_array().unwrap().clone();
+    assert_eq!(sources.len(), 2);
+    let texts: Vec<&str> = sources.iter().map(|s| s["text"].as_str().unwrap()).collect();
+    let ranked: Value = reqwest::Client::new()
+        .post(server.url("/v1/rerank"))
+        .json(&json!({"model": EMBED, "query": question, "documents": texts}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for (position, source) in sources.iter().enumerate() {
+        assert_eq!(source["index"], position + 1);
+        let relevance = ranked["results"].as_array().unwrap().iter().find(|r| r["index"] == position).unwrap()["relevance_score"].as_f64().unwrap();
+        assert!((source["score"].as_f64().unwrap() - relevance).abs() < 1e-5, "{source} vs {ranked}");
+    }
+    assert!(sources[0]["score"].as_f64() >= sources[1]["score"].as_f64());
+    drop(server);
+
     // clear empties the collection.
     let cleared = home.run(&["rag", "clear", "--yes"]);
     assert!(stdout(&cleared).contains("Deleted the collection default"), "{}", stdout(&cleared));
