@@ -125,7 +125,7 @@ impl From<StoreError> for ApiError {
         match &error {
             StoreError::NotFound { name } => ApiError::model_not_found(name),
             StoreError::InvalidName { .. } => ApiError::invalid_param("model", error.to_string()),
-            StoreError::AlreadyExists { .. } | StoreError::InUse { .. } => {
+            StoreError::AlreadyExists { .. } | StoreError::InUse { .. } | StoreError::Taken { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "invalid_request_error", error.to_string()).with_code("conflict")
             }
             StoreError::Modelfile { .. } | StoreError::Cycle { .. } | StoreError::InvalidSource { .. } => ApiError::bad_request(error.to_string()),

@@ -116,6 +116,9 @@ pub struct PullArgs {
     /// Quantize while converting (4 or 8 bits).
     #[arg(long)]
     pub quantize: Option<u8>,
+    /// Replace a model of the same name that came from another source.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args)]

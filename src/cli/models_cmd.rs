@@ -74,7 +74,7 @@ pub fn pull(args: PullArgs) -> CliResult {
         .enable_all()
         .build()
         .map_err(|error| CliError(msg!("serve.error.runtime", reason = error)))?;
-    let options = crate::store::pull::PullOptions { name: args.name.clone(), file: args.file.clone(), quantize: args.quantize.map(i32::from) };
+    let options = crate::store::pull::PullOptions { name: args.name.clone(), file: args.file.clone(), quantize: args.quantize.map(i32::from), force: args.force };
     let store = store(&config);
     store.clean_partials();
     let engine = crate::engine::Engine::start(config.engine.clone());

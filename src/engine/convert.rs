@@ -6,7 +6,7 @@
 //!
 //! GGUF files are converted into it, and any folder can be quantized to 2, 4 or 8 bits.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use mlx_rs::{ops, Array, Dtype};
@@ -55,7 +55,9 @@ fn dtype_name(dtype: Dtype) -> &'static str {
 /// Converts a GGUF file into a model folder at `out` (which must exist and be empty).
 pub fn gguf_to_folder(gguf: &Path, out: &Path, format: WeightFormat) -> Result<WriteReport> {
     let GgufContents { arch, config, tensors, tokenizer, chat_template, bos_token, eos_token_ids, eos_text, add_bos, file_type } = read_gguf(gguf)?;
-    let mut arrays: HashMap<String, Array> = HashMap::with_capacity(tensors.len());
+    // Sorted: MLX writes tensors in the order its map receives them, and a hash map's order
+    // changes from run to run, so the same model would get other bytes and another digest.
+    let mut arrays: BTreeMap<String, Array> = BTreeMap::new();
     let mut quantized = false;
     let prefixes: Vec<String> = tensors.keys().filter_map(|n| n.strip_suffix(".scales").map(str::to_string)).collect();
     let mut tensors = tensors;
@@ -170,7 +172,7 @@ fn quantizable(name: &str, array: &Array, group_size: i32) -> bool {
 /// Hugging Face checkpoints hold one tensor per expert; the local layout stacks them as
 /// `switch_mlp.{gate,up,down}_proj` `[experts, out, in]`, as mlx-lm does, so they quantize
 /// and run as one gather matmul.
-fn stack_experts(arrays: &mut HashMap<String, Array>) -> Result<()> {
+fn stack_experts(arrays: &mut BTreeMap<String, Array>) -> Result<()> {
     let mut groups: HashMap<String, Vec<(usize, String)>> = HashMap::new();
     for name in arrays.keys() {
         let Some((block, rest)) = name.split_once(".experts.") else { continue };
@@ -212,7 +214,7 @@ pub fn quantize_folder(source: &Path, out: &Path, bits: i32, group_size: i32) ->
         return Err(EngineError::BadRequest("embedding models are not quantized".into()));
     }
     let source_group = config["quantization"]["group_size"].as_i64().map(|g| g as i32);
-    let mut arrays: HashMap<String, Array> = HashMap::new();
+    let mut arrays: BTreeMap<String, Array> = BTreeMap::new();
     for entry in std::fs::read_dir(source).map_err(|e| io(source, e))? {
         let path = entry.map_err(|e| io(source, e))?.path();
         if path.extension().is_some_and(|x| x == "safetensors") {
@@ -237,7 +239,7 @@ pub fn quantize_folder(source: &Path, out: &Path, bits: i32, group_size: i32) ->
         arrays.insert(format!("{prefix}.weight"), ops::dequantize(&weight, &scales, &biases, group, old_bits)?.as_dtype(Dtype::Float32)?);
     }
     stack_experts(&mut arrays)?;
-    let mut output: HashMap<String, Array> = HashMap::with_capacity(arrays.len() * 2);
+    let mut output: BTreeMap<String, Array> = BTreeMap::new();
     for (name, array) in arrays {
         if quantizable(&name, &array, group_size) {
             let prefix = name.trim_end_matches(".weight").to_string();

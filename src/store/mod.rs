@@ -31,6 +31,8 @@ pub enum StoreError {
     InvalidName { name: String, reason: &'static str },
     NotFound { name: String },
     AlreadyExists { name: String },
+    /// The name holds a model pulled from another source.
+    Taken { name: String, from: String },
     Io { path: PathBuf, reason: String },
     InvalidSource { path: PathBuf, reason: String },
     Corrupt { name: String, reason: String },
@@ -45,6 +47,7 @@ impl StoreError {
             StoreError::InvalidName { name, reason } => msg!("store.error.invalid_name", name = name, reason = reason),
             StoreError::NotFound { name } => msg!("store.error.not_found", name = name),
             StoreError::AlreadyExists { name } => msg!("store.error.exists", name = name),
+            StoreError::Taken { name, from } => msg!("store.error.taken", name = name, source = from),
             StoreError::Io { path, reason } => msg!("store.error.io", path = path.display(), reason = reason),
             StoreError::InvalidSource { path, reason } => msg!("store.error.invalid_source", path = path.display(), reason = reason),
             StoreError::Corrupt { name, reason } => msg!("store.error.corrupt", name = name, reason = reason),
@@ -293,7 +296,9 @@ impl Store {
     }
 
     /// Measures and digests a staged model, writes its manifest, and renames it into place.
-    pub fn finish_base(&self, staging: &Path, name: &ModelName, mut manifest: Manifest) -> Result<BaseModel> {
+    /// With `replace`, a model already under the name is swapped out in one step (the old
+    /// files end in the staging folder, which is then removed).
+    pub fn finish_base(&self, staging: &Path, name: &ModelName, mut manifest: Manifest, replace: bool) -> Result<BaseModel> {
         let (size, digest) = digest_folder(staging)?;
         manifest.size = size;
         manifest.digest = format!("sha256:{digest}");
@@ -301,10 +306,20 @@ impl Store {
         write_file(&staging.join(MANIFEST), &json)?;
         let target = self.base_folder(name);
         if target.exists() {
-            return Err(StoreError::AlreadyExists { name: name.to_string() });
+            if !replace {
+                return Err(StoreError::AlreadyExists { name: name.to_string() });
+            }
+            exchange(staging, &target)?;
+            let _ = fs::remove_dir_all(staging);
+        } else {
+            fs::rename(staging, &target).map_err(|e| io_error(&target, e))?;
         }
-        fs::rename(staging, &target).map_err(|e| io_error(&target, e))?;
         Ok(BaseModel { manifest, folder: target })
+    }
+
+    /// Whether a stored model's files are still what its manifest recorded.
+    pub fn verify(&self, base: &BaseModel) -> bool {
+        digest_folder(&base.folder).is_ok_and(|(size, digest)| size == base.manifest.size && format!("sha256:{digest}") == base.manifest.digest)
     }
 
     /// Removes leftovers of interrupted writes (called when `serve` and `pull` start). A
@@ -320,6 +335,28 @@ impl Store {
             }
         }
     }
+}
+
+/// Swaps two folders. On Linux in one step (`renameat2` with `RENAME_EXCHANGE`), so a crash
+/// leaves either the old model or the new one in place, never neither; elsewhere the old one
+/// first moves aside into a staging name (cleaned at the next start).
+fn exchange(staging: &Path, target: &Path) -> Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let (Ok(from), Ok(to)) = (std::ffi::CString::new(staging.as_os_str().as_bytes()), std::ffi::CString::new(target.as_os_str().as_bytes())) else {
+            return Err(io_error(target, "a path holds a NUL byte"));
+        };
+        // SAFETY: both are valid NUL-terminated paths; AT_FDCWD resolves them as given.
+        let done = unsafe { libc::renameat2(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), libc::RENAME_EXCHANGE) } == 0;
+        if done {
+            return Ok(());
+        }
+    }
+    let aside = staging.with_file_name(format!("{}-old", staging.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()));
+    fs::rename(target, &aside).map_err(|e| io_error(target, e))?;
+    fs::rename(staging, target).map_err(|e| io_error(target, e))?;
+    fs::rename(&aside, staging).map_err(|e| io_error(staging, e))
 }
 
 /// Whether the process that made the staging folder `name` (`.partial-NAME-PID-UUID`) runs.
@@ -383,7 +420,7 @@ impl Store {
         let staging = self.staging_folder(&destination)?;
         let result = copy_folder(&base.folder, &staging).and_then(|()| {
             let manifest = Manifest { name: destination.to_string(), created_at: chrono::Utc::now(), ..base.manifest.clone() };
-            self.finish_base(&staging, &destination, manifest).map(|_| ())
+            self.finish_base(&staging, &destination, manifest, false).map(|_| ())
         });
         if result.is_err() {
             let _ = fs::remove_dir_all(&staging);
@@ -461,7 +498,7 @@ pub async fn quantize(store: &Store, engine: &crate::engine::Engine, name: &str,
             quantization: report.quantization,
             created_at: chrono::Utc::now(),
         };
-        Ok(store.finish_base(&staging, &target, manifest)?)
+        Ok(store.finish_base(&staging, &target, manifest, false)?)
     });
     if result.is_err() {
         let _ = fs::remove_dir_all(&staging);

@@ -338,6 +338,41 @@ pub struct PullOptions {
     pub file: Option<String>,
     /// Quantize to this many bits on the way in (Hugging Face folders).
     pub quantize: Option<i32>,
+    /// Replace a model of the same name pulled from another source.
+    pub force: bool,
+}
+
+/// What a pull does with its name.
+enum Plan {
+    /// The name is free.
+    Fresh,
+    /// The model there is replaced (a newer revision, broken files, or `force`).
+    Replace,
+    /// The same source is there, whole: nothing to fetch.
+    UpToDate(super::BaseModel),
+}
+
+/// Decides a pull's plan. A re-pull of the same source verifies the stored files (and, for
+/// the Hub, that no newer revision exists: `current` is the revision's source string); another
+/// source under a taken name needs `force`.
+fn plan(store: &super::Store, name: &ModelName, options: &PullOptions, same_source: impl Fn(&str) -> bool, current: Option<&str>) -> Result<Plan, PullError> {
+    if !store.exists(name) {
+        return Ok(Plan::Fresh);
+    }
+    let Some(base) = store.base(name)? else {
+        // A personality has the name.
+        return Err(StoreError::AlreadyExists { name: name.to_string() }.into());
+    };
+    let quantization_matches = options.quantize.is_none_or(|bits| base.manifest.quantization.as_deref() == Some(&format!("{bits}bit")));
+    if !(same_source(&base.manifest.source) && quantization_matches) {
+        return if options.force { Ok(Plan::Replace) } else { Err(StoreError::Taken { name: name.to_string(), from: base.manifest.source.clone() }.into()) };
+    }
+    let current_revision = current.is_none_or(|current| current == base.manifest.source);
+    if current_revision && store.verify(&base) {
+        Ok(Plan::UpToDate(base))
+    } else {
+        Ok(Plan::Replace)
+    }
 }
 
 fn convert_error(error: crate::engine::EngineError) -> PullError {
@@ -395,12 +430,21 @@ pub async fn pull(store: &super::Store, engine: &crate::engine::Engine, source: 
     }
     let spec = RepoSpec::parse(source)?;
     let name = ModelName::parse(options.name.as_deref().unwrap_or(&spec.id))?;
-    if store.exists(&name) {
-        return Err(StoreError::AlreadyExists { name: name.to_string() }.into());
-    }
+    let repository = format!("hf:{}@", spec.id);
+    let same_repository = |stored: &str| stored.starts_with(&repository);
+    // Another source under the name is refused before anything is fetched.
+    plan(store, &name, options, same_repository, None)?;
     let hub = Hub::new(spec.clone(), &store.root().join(".hf-cache"))?;
     progress.status("pulling manifest");
     let (files, commit) = hub.files().await?;
+    let replace = match plan(store, &name, options, same_repository, Some(&format!("{repository}{commit}")))? {
+        Plan::UpToDate(base) => {
+            progress.status("success");
+            return Ok(base);
+        }
+        Plan::Replace => true,
+        Plan::Fresh => false,
+    };
     let format = detect(&files).ok_or_else(|| PullError::Unsupported {
         repo: spec.id.clone(),
         reason: "it has neither safetensors weights with a config.json nor GGUF files (PyTorch .bin checkpoints are not supported)".into(),
@@ -442,14 +486,14 @@ pub async fn pull(store: &super::Store, engine: &crate::engine::Engine, source: 
             kind,
             format: stored_format,
             source_format,
-            source: format!("hf:{}@{}", spec.id, commit),
+            source: format!("{repository}{commit}"),
             entry: ".".into(),
             size: 0,
             digest: String::new(),
             quantization,
             created_at: chrono::Utc::now(),
         };
-        Ok(store.finish_base(&staging, &name, manifest)?)
+        Ok(store.finish_base(&staging, &name, manifest, replace)?)
     }
     .await;
     if result.is_err() {
@@ -463,9 +507,15 @@ async fn pull_local(store: &super::Store, engine: &crate::engine::Engine, path: 
     let path = path.canonicalize().map_err(|e| StoreError::InvalidSource { path: path.to_path_buf(), reason: e.to_string() })?;
     let default_name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     let name = ModelName::parse(options.name.as_deref().unwrap_or(&default_name))?;
-    if store.exists(&name) {
-        return Err(StoreError::AlreadyExists { name: name.to_string() }.into());
-    }
+    let source = format!("file:{}", path.display());
+    let replace = match plan(store, &name, options, |stored| stored == source, None)? {
+        Plan::UpToDate(base) => {
+            progress.status("success");
+            return Ok(base);
+        }
+        Plan::Replace => true,
+        Plan::Fresh => false,
+    };
     let (source_format, _) = super::detect_local_format(&path)?;
     let mut staging = store.staging_folder(&name)?;
     let result: Result<super::BaseModel, PullError> = async {
@@ -489,14 +539,14 @@ async fn pull_local(store: &super::Store, engine: &crate::engine::Engine, path: 
             kind,
             format: stored_format,
             source_format,
-            source: format!("file:{}", path.display()),
+            source,
             entry: ".".into(),
             size: 0,
             digest: String::new(),
             quantization,
             created_at: chrono::Utc::now(),
         };
-        Ok(store.finish_base(&staging, &name, manifest)?)
+        Ok(store.finish_base(&staging, &name, manifest, replace)?)
     }
     .await;
     if result.is_err() {

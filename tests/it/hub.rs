@@ -255,3 +255,52 @@ fn an_interrupted_download_resumes_and_corrupt_files_are_refused() {
     assert!(!output.status.success());
     assert!(stderr(&output).contains("is corrupt"), "{}", stderr(&output));
 }
+
+#[test]
+fn pulling_again_is_idempotent_and_another_source_needs_force() {
+    let _guard = crate::engine_reference::mlx_lock();
+    let home = Home::new();
+    let hub = hub_with_models(&home);
+    let endpoint = start_hub(hub.clone());
+    let manifest = |name: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(home.path().join("models").join(name).join("manifest.json")).unwrap()).unwrap()
+    };
+
+    let output = pull(&home, &endpoint, &["test-org/SmolLM2-135M-Instruct-GGUF", "--name", "smol"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let first = manifest("smol");
+    // The same source again: verified, nothing converted, the same model.
+    let same = pull(&home, &endpoint, &["test-org/SmolLM2-135M-Instruct-GGUF", "--name", "smol"]);
+    assert!(same.status.success(), "{}", stderr(&same));
+    assert_eq!(manifest("smol"), first);
+
+    // A damaged store is repaired by pulling the same source again.
+    let weights = std::fs::read_dir(home.path().join("models/smol")).unwrap().filter_map(|e| e.ok()).map(|e| e.path()).find(|p| p.extension().is_some_and(|x| x == "safetensors")).unwrap();
+    std::fs::write(&weights, b"broken").unwrap();
+    let repaired = pull(&home, &endpoint, &["test-org/SmolLM2-135M-Instruct-GGUF", "--name", "smol"]);
+    assert!(repaired.status.success(), "{}", stderr(&repaired));
+    let repaired = manifest("smol");
+    // The converter writes the same bytes for the same weights, so the repaired model is the
+    // first one again.
+    assert_eq!((&repaired["source"], &repaired["digest"], &repaired["size"]), (&first["source"], &first["digest"], &first["size"]));
+    assert_ne!(std::fs::read(&weights).unwrap(), b"broken");
+
+    // Another source under the same name is refused, and the model stays as it was...
+    let local = models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let refused = home.run(&["pull", local.to_str().unwrap(), "--name", "smol"]);
+    assert!(!refused.status.success());
+    assert!(stderr(&refused).contains("--force"), "{}", stderr(&refused));
+    assert_eq!(manifest("smol")["source"], first["source"]);
+    // ...unless forced, which swaps it in whole.
+    let forced = home.run(&["pull", local.to_str().unwrap(), "--name", "smol", "--force"]);
+    assert!(forced.status.success(), "{}", stderr(&forced));
+    let replaced = manifest("smol");
+    assert!(replaced["source"].as_str().unwrap().starts_with("file:"), "{replaced}");
+    assert_eq!(replaced["digest"], first["digest"], "the same weights, converted the same way");
+    // A local source pulled again is idempotent too, and nothing is left half-written.
+    let local_again = home.run(&["pull", local.to_str().unwrap(), "--name", "smol"]);
+    assert!(local_again.status.success(), "{}", stderr(&local_again));
+    let leftovers: Vec<String> = std::fs::read_dir(home.path().join("models")).unwrap().filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with(".partial-")).collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    assert!(stdout(&home.run(&["list"])).contains("smol"));
+}
