@@ -536,6 +536,10 @@ pub fn read_gguf(path: &Path) -> Result<GgufContents> {
         ("attn_logit_softcapping", "attn_logit_softcapping"),
         ("final_logit_softcapping", "final_logit_softcapping"),
         ("attention.sliding_window", "sliding_window"),
+        // Gemma 3's local-layer RoPE base and layer pattern (llama.cpp: rope.freq_base_swa,
+        // attention.sliding_window_pattern, default 6); they were not read before.
+        ("rope.freq_base_swa", "rope_local_base_freq"),
+        ("attention.sliding_window_pattern", "sliding_window_pattern"),
         ("expert_count", "num_experts"),
         ("expert_used_count", "num_experts_per_tok"),
         ("expert_feed_forward_length", "moe_intermediate_size"),
@@ -560,19 +564,59 @@ pub fn read_gguf(path: &Path) -> Result<GgufContents> {
         invalid(path, format!("cannot read GGUF tensors ({error}); supported tensor types are F32, F16, Q4_0, Q4_1 and Q8_0"))
     })?;
     let mut tensors = HashMap::with_capacity(raw.len());
+    let mut rope_factors: HashMap<String, Vec<f32>> = HashMap::new();
     for (name, array) in raw {
         let Some((base, suffix)) = name.rsplit_once('.') else { continue };
         match gguf_key_name(&arch, base) {
             Some(renamed) => {
                 tensors.insert(format!("{renamed}.{suffix}"), array);
             }
-            None if base.starts_with("rope_freqs") || base.starts_with("rope_factors") => {}
+            None if base.starts_with("rope_freqs") || base.starts_with("rope_factors") => {
+                // Kept, not dropped (tests/it/gguf_families.rs found this): llama.cpp's converter
+                // stores llama3 rope scaling only as `rope_freqs` and Phi-3's longrope only as
+                // `rope_factors_long`/`_short`; without them the model ran unscaled RoPE.
+                let values = array.as_dtype(Dtype::Float32)?;
+                values.eval()?;
+                rope_factors.insert(base.to_string(), values.as_slice::<f32>().to_vec());
+            }
             None => return Err(invalid(path, format!("unexpected tensor {name}"))),
+        }
+    }
+    // llama.cpp divides each RoPE frequency by its factor (multiplies the period), which is
+    // what our longrope does with `long_factor`; the factors are given explicitly, so
+    // `long_mscale` pins the feature scale: llama.cpp's `rope.scaling.attn_factor` (Phi-3)
+    // or 1 (llama3 factors carry no scale).
+    let long = rope_factors.get("rope_factors_long").or_else(|| rope_factors.get("rope_freqs"));
+    if let Some(long) = long {
+        let short = rope_factors.get("rope_factors_short").unwrap_or(long);
+        let mscale = number("rope.scaling.attn_factor").unwrap_or(1.0);
+        config["rope_scaling"] = serde_json::json!({
+            "rope_type": "longrope", "long_factor": long, "short_factor": short,
+            "long_mscale": mscale, "short_mscale": mscale,
+        });
+        if let Some(original) = number("rope.scaling.original_context_length") {
+            config["original_max_position_embeddings"] = original.into();
+        }
+    }
+    // GGUF numbers arrive here as f64 (8.0), and the decoder reads integer settings with
+    // as_u64/as_i64, which refuse 8.0: Gemma 3's sliding window (and window pattern) from a
+    // GGUF was silently ignored (tests/it/gguf_families.rs found it). Whole numbers of
+    // integer settings become JSON integers.
+    for key in [
+        "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size",
+        "max_position_embeddings", "original_max_position_embeddings", "sliding_window", "sliding_window_pattern", "num_experts",
+        "num_experts_per_tok", "moe_intermediate_size",
+    ] {
+        if let Some(value) = config[key].as_f64().filter(|v| v.fract() == 0.0 && *v >= 0.0) {
+            config[key] = (value as u64).into();
         }
     }
     let heads = |name: &str| -> i32 { if name.contains(".q_proj.") { num_heads as i32 } else { config["num_key_value_heads"].as_f64().unwrap_or(num_heads) as i32 } };
     // llama.cpp permutes Q/K rows of llama-architecture models for its interleaved RoPE.
-    if arch == "llama" || arch == "mistral" || arch == "granite" {
+    // smollm3 too (tests/it/gguf_families.rs found it): its converter class SmolLM3Model
+    // inherits LlamaModel.undo_permute = True, so its GGUF Q/K rows are permuted like llama's
+    // and were loaded scrambled.
+    if arch == "llama" || arch == "mistral" || arch == "granite" || arch == "smollm3" {
         let names: Vec<String> = tensors.keys().filter(|n| (n.contains(".self_attn.q_proj.") || n.contains(".self_attn.k_proj.")) && !n.ends_with(".bias")).cloned().collect();
         for name in names {
             if let Some(array) = tensors.remove(&name) {

@@ -2,6 +2,7 @@
 //! Hugging Face's `apply_chat_template` renders it (trim/lstrip blocks, Python string methods,
 //! `raise_exception`, `strftime_now`). A ChatML template stands in only when a model has none.
 
+use minijinja::value::{Kwargs, Value as JinjaValue};
 use minijinja::{context, Environment, Error as JinjaError, ErrorKind};
 use serde::Serialize;
 
@@ -47,6 +48,150 @@ fn strftime_now(format: String) -> String {
     chrono::Local::now().format(&format).to_string()
 }
 
+/// transformers replaces Jinja's `tojson` with `json.dumps(x, ensure_ascii=False, indent=None,
+/// separators=None, sort_keys=False)`, and templates put its output straight into the prompt
+/// (Qwen's `<tools>` list, tool-call arguments). minijinja's own filter writes compact
+/// `{"a":1}` and HTML-escapes `<>&'`, so the prompt the model was trained on would change.
+/// Python's defaults: `", "` and `": "` without indent, `","` and `": "` with it.
+fn tojson(value: &JinjaValue, ensure_ascii: Option<bool>, kwargs: Kwargs) -> Result<String, JinjaError> {
+    let ensure_ascii = match ensure_ascii {
+        Some(flag) => flag,
+        None => kwargs.get::<Option<bool>>("ensure_ascii")?.unwrap_or(false),
+    };
+    let indent = match kwargs.get::<Option<JinjaValue>>("indent")? {
+        Some(indent) if indent.is_none() || indent.is_undefined() => None,
+        Some(indent) => match indent.as_str() {
+            Some(text) => Some(text.to_string()),
+            None => Some(" ".repeat(usize::try_from(indent)?)),
+        },
+        None => None,
+    };
+    let (item_sep, key_sep) = match kwargs.get::<Option<JinjaValue>>("separators")? {
+        Some(pair) if !pair.is_none() => {
+            let part = |i: usize| -> Result<String, JinjaError> {
+                let item = pair.get_item(&JinjaValue::from(i))?;
+                item.as_str().map(str::to_string).ok_or_else(|| JinjaError::new(ErrorKind::InvalidOperation, "tojson separators must be two strings"))
+            };
+            (part(0)?, part(1)?)
+        }
+        _ => ((if indent.is_some() { "," } else { ", " }).to_string(), ": ".to_string()),
+    };
+    let sort_keys = kwargs.get::<Option<bool>>("sort_keys")?.unwrap_or(false);
+    kwargs.assert_all_used()?;
+    let unserializable = |error: serde_json::Error| JinjaError::new(ErrorKind::InvalidOperation, "cannot serialize to JSON").with_source(error);
+    let mut json = serde_json::to_value(value).map_err(unserializable)?;
+    if sort_keys {
+        sort_json_keys(&mut json);
+    }
+    let mut out = Vec::new();
+    let formatter = PythonJsonFormatter { indent, item_sep, key_sep, ensure_ascii, depth: 0, has_value: false };
+    json.serialize(&mut serde_json::Serializer::with_formatter(&mut out, formatter)).map_err(unserializable)?;
+    String::from_utf8(out).map_err(|_| JinjaError::new(ErrorKind::InvalidOperation, "tojson produced invalid UTF-8"))
+}
+
+fn sort_json_keys(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            map.sort_keys();
+            map.values_mut().for_each(sort_json_keys);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(sort_json_keys),
+        _ => {}
+    }
+}
+
+/// `json.dumps`' layout: separators and indentation as Python writes them; with
+/// `ensure_ascii` every non-ASCII character becomes `\uXXXX` (UTF-16, lower-case hex).
+struct PythonJsonFormatter {
+    indent: Option<String>,
+    item_sep: String,
+    key_sep: String,
+    ensure_ascii: bool,
+    depth: usize,
+    has_value: bool,
+}
+
+impl PythonJsonFormatter {
+    fn newline<W: ?Sized + std::io::Write>(&self, writer: &mut W) -> std::io::Result<()> {
+        if let Some(indent) = &self.indent {
+            writer.write_all(b"\n")?;
+            for _ in 0..self.depth {
+                writer.write_all(indent.as_bytes())?;
+            }
+        }
+        Ok(())
+    }
+
+    fn open<W: ?Sized + std::io::Write>(&mut self, writer: &mut W, bracket: &[u8]) -> std::io::Result<()> {
+        self.depth += 1;
+        self.has_value = false;
+        writer.write_all(bracket)
+    }
+
+    fn close<W: ?Sized + std::io::Write>(&mut self, writer: &mut W, bracket: &[u8]) -> std::io::Result<()> {
+        self.depth -= 1;
+        if self.has_value {
+            self.newline(writer)?;
+        }
+        writer.write_all(bracket)
+    }
+
+    fn item<W: ?Sized + std::io::Write>(&mut self, writer: &mut W, first: bool) -> std::io::Result<()> {
+        if !first {
+            writer.write_all(self.item_sep.as_bytes())?;
+        }
+        self.newline(writer)
+    }
+}
+
+impl serde_json::ser::Formatter for PythonJsonFormatter {
+    fn begin_array<W: ?Sized + std::io::Write>(&mut self, writer: &mut W) -> std::io::Result<()> {
+        self.open(writer, b"[")
+    }
+    fn end_array<W: ?Sized + std::io::Write>(&mut self, writer: &mut W) -> std::io::Result<()> {
+        self.close(writer, b"]")
+    }
+    fn begin_array_value<W: ?Sized + std::io::Write>(&mut self, writer: &mut W, first: bool) -> std::io::Result<()> {
+        self.item(writer, first)
+    }
+    fn end_array_value<W: ?Sized + std::io::Write>(&mut self, _writer: &mut W) -> std::io::Result<()> {
+        self.has_value = true;
+        Ok(())
+    }
+    fn begin_object<W: ?Sized + std::io::Write>(&mut self, writer: &mut W) -> std::io::Result<()> {
+        self.open(writer, b"{")
+    }
+    fn end_object<W: ?Sized + std::io::Write>(&mut self, writer: &mut W) -> std::io::Result<()> {
+        self.close(writer, b"}")
+    }
+    fn begin_object_key<W: ?Sized + std::io::Write>(&mut self, writer: &mut W, first: bool) -> std::io::Result<()> {
+        self.item(writer, first)
+    }
+    fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, writer: &mut W) -> std::io::Result<()> {
+        writer.write_all(self.key_sep.as_bytes())
+    }
+    fn end_object_value<W: ?Sized + std::io::Write>(&mut self, _writer: &mut W) -> std::io::Result<()> {
+        self.has_value = true;
+        Ok(())
+    }
+    fn write_string_fragment<W: ?Sized + std::io::Write>(&mut self, writer: &mut W, fragment: &str) -> std::io::Result<()> {
+        if !self.ensure_ascii || fragment.is_ascii() {
+            return writer.write_all(fragment.as_bytes());
+        }
+        let mut units = [0u16; 2];
+        for c in fragment.chars() {
+            if c.is_ascii() {
+                writer.write_all(&[c as u8])?;
+            } else {
+                for unit in c.encode_utf16(&mut units) {
+                    write!(writer, "\\u{unit:04x}")?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 impl ChatTemplate {
     pub fn new(source: Option<String>, bos_token: &str, eos_token: &str) -> Result<ChatTemplate, EngineError> {
         let (source, is_fallback) = match source {
@@ -60,6 +205,7 @@ impl ChatTemplate {
         minijinja_contrib::add_to_environment(&mut env);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
+        env.add_filter("tojson", tojson);
         env.add_template_owned("chat", source.clone())
             .map_err(|error| EngineError::Template(format!("the model's chat template does not compile: {error}")))?;
         Ok(ChatTemplate { env, source, is_fallback, bos_token: bos_token.to_string(), eos_token: eos_token.to_string() })

@@ -110,7 +110,7 @@ fn load(path: &Path, policy: DevicePolicy) -> mlxserver::engine::decoder::Decode
 
 /// First-step logits and `steps` greedy tokens through the engine's own paths: prefill of
 /// the prompt, then batched decode steps.
-fn run_model(model: &mlxserver::engine::decoder::DecoderModel, prompt: &[u32], steps: usize) -> (Vec<f32>, Vec<u32>, Dtype) {
+pub fn run_model(model: &mlxserver::engine::decoder::DecoderModel, prompt: &[u32], steps: usize) -> (Vec<f32>, Vec<u32>, Dtype) {
     let mut cache = model.new_cache();
     let input: Vec<i32> = prompt.iter().map(|&t| t as i32).collect();
     let logits = model.forward(&mlx_rs::Array::from_slice(&input, &[1, input.len() as i32]), &mut SequenceSlot { cache: &mut cache }).unwrap();
@@ -131,13 +131,13 @@ fn run_model(model: &mlxserver::engine::decoder::DecoderModel, prompt: &[u32], s
     (first, tokens, dtype)
 }
 
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "logit counts differ");
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
 /// Tokens must agree up to the first step whose reference margin is too small to decide.
-fn check_tokens(name: &str, ours: &[u32], expected: &[u32], margins: &[f64], tolerance: f64) {
+pub fn check_tokens(name: &str, ours: &[u32], expected: &[u32], margins: &[f64], tolerance: f64) {
     for (step, (a, b)) in ours.iter().zip(expected).enumerate() {
         if a != b {
             let margin = margins.get(step).copied().unwrap_or(0.0);
