@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use utoipa::ToSchema;
 
-use super::error::{json_response, stream_error, ApiError, ApiJson, Family};
+use super::error::{check_range, json_response, stream_error, ApiError, ApiJson, Family};
 use super::AppState;
 use crate::answer::{Answer, AnswerEvent, ApiFamily, ChatMessage, ChatRequest, Finish, FinishReason, Options, TokenizeInput};
 use crate::engine::tools::{ToolCall, ToolChoice, ToolSpec};
@@ -186,12 +186,6 @@ fn tool_choice(value: &Option<Value>) -> Result<ToolChoice, ApiError> {
     }
 }
 
-fn check_range(param: &str, value: Option<f32>, range: std::ops::RangeInclusive<f32>) -> Result<(), ApiError> {
-    match value {
-        Some(v) if !range.contains(&v) || v.is_nan() => Err(ApiError::invalid_param(param, format!("{param} must be between {} and {}", range.start(), range.end()))),
-        _ => Ok(()),
-    }
-}
 
 /// Anthropic's ids: `msg_`/`toolu_` and 24 characters.
 fn new_id(prefix: &str) -> String {

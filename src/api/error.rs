@@ -273,6 +273,16 @@ where
     }
 }
 
+/// A sampling parameter outside its range is the request's fault, named by its field.
+pub fn check_range(param: &str, value: Option<f32>, range: std::ops::RangeInclusive<f32>) -> Result<(), ApiError> {
+    match value {
+        Some(v) if !range.contains(&v) || v.is_nan() => {
+            Err(ApiError::invalid_param(param, format!("{param} must be between {} and {}", range.start(), range.end())))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// JSON response with the content type clients expect.
 pub fn json_response<T: Serialize>(status: StatusCode, value: &T) -> Response {
     match serde_json::to_vec(value) {

@@ -234,7 +234,10 @@ fn ingest_error(error: IngestError) -> ApiError {
         IngestError::Rag(error) => ApiError::from(ServiceError::from(error)),
         IngestError::Embedder(error) => match error.downcast::<ServiceError>() {
             Ok(error) => ApiError::from(*error),
-            Err(error) => ApiError::internal(error.to_string()),
+            Err(error) => match error.downcast::<crate::store::StoreError>() {
+                Ok(error) => ApiError::from(*error),
+                Err(error) => ApiError::internal(error.to_string()),
+            },
         },
     }
 }

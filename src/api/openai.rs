@@ -34,7 +34,7 @@ use base64::Engine as _;
 use futures::Stream;
 use serde::Deserialize;
 
-use super::error::{json_response, stream_error, ApiError, ApiJson, Family};
+use super::error::{check_range, json_response, stream_error, ApiError, ApiJson, Family};
 use super::AppState;
 use crate::answer::{
     Answer, AnswerEvent, ApiFamily, ChatMessage, ChatRequest, CompletionRequest, EmbedRequest, FinishReason, Logprob, Options, OutputFormat,
@@ -159,14 +159,6 @@ fn stops(stop: &Option<StopConfiguration>) -> Vec<String> {
     }
 }
 
-fn check_range(param: &str, value: Option<f32>, range: std::ops::RangeInclusive<f32>) -> Result<(), ApiError> {
-    match value {
-        Some(v) if !range.contains(&v) || v.is_nan() => {
-            Err(ApiError::invalid_param(param, format!("{param} must be between {} and {}", range.start(), range.end())))
-        }
-        _ => Ok(()),
-    }
-}
 
 #[allow(deprecated)]
 fn chat_options(body: &ChatCompletionBody) -> Result<Options, ApiError> {

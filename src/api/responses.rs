@@ -20,7 +20,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use utoipa::ToSchema;
 
-use super::error::{json_response, stream_error, ApiError, ApiJson, Family};
+use super::error::{check_range, json_response, stream_error, ApiError, ApiJson, Family};
 use super::AppState;
 use crate::answer::{Answer, AnswerEvent, ApiFamily, ChatMessage, ChatRequest, Collected, FinishReason, Options, OutputFormat};
 use crate::engine::tools::{ToolCall, ToolChoice, ToolSpec};
@@ -300,11 +300,8 @@ fn answer_turn(text: &str, calls: &[ToolCall]) -> ChatMessage {
               (status = 400, body = super::error::OpenAiErrorBody), (status = 404, body = super::error::OpenAiErrorBody)))]
 pub async fn create(State(state): State<AppState>, ApiJson(raw): ApiJson<Value>) -> Result<Response, ApiError> {
     let request: CreateResponseRequest = serde_json::from_value(raw.clone()).map_err(|e| ApiError::bad_request(format!("invalid request: {e}")))?;
-    for (param, value, range) in [("temperature", request.temperature, 0.0..=2.0), ("top_p", request.top_p, 0.0..=1.0)] {
-        if value.is_some_and(|v| !range.contains(&v) || v.is_nan()) {
-            return Err(ApiError::invalid_param(param, format!("{param} must be between {} and {}", range.start(), range.end())));
-        }
-    }
+    check_range("temperature", request.temperature, 0.0..=2.0)?;
+    check_range("top_p", request.top_p, 0.0..=1.0)?;
     let mut conversation = match &request.previous_response_id {
         Some(previous) => {
             state.responses.get(previous).ok_or_else(|| ApiError::not_found(format!("previous response '{previous}' not found")).with_param("previous_response_id"))?.conversation
@@ -393,13 +390,10 @@ fn response_stream(mut answer: Answer, echo: Echo, mut conversation: Vec<ChatMes
                         for value in flush_reasoning(&mut reasoning, &mut output) {
                             yield event(&mut sequence, value);
                         }
-                        let index = output.len();
-                        output.push(Value::Null);
-                        message_index = Some(index);
-                        let item = json!({"type": "message", "id": message_id, "status": "in_progress", "role": "assistant", "content": []});
-                        yield event(&mut sequence, json!({"type": "response.output_item.added", "output_index": index, "item": item}));
-                        yield event(&mut sequence, json!({"type": "response.content_part.added", "item_id": message_id, "output_index": index, "content_index": 0,
-                                                          "part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []}}));
+                        message_index = Some(output.len());
+                        for value in open_message(&message_id, &mut output) {
+                            yield event(&mut sequence, value);
+                        }
                     }
                     text.push_str(&piece);
                     yield event(&mut sequence, json!({"type": "response.output_text.delta", "item_id": message_id, "output_index": message_index, "content_index": 0, "delta": piece, "logprobs": []}));
@@ -410,13 +404,10 @@ fn response_stream(mut answer: Answer, echo: Echo, mut conversation: Vec<ChatMes
                         yield event(&mut sequence, value);
                     }
                     if message_index.is_none() && calls.is_empty() {
-                        let index = output.len();
-                        output.push(Value::Null);
-                        message_index = Some(index);
-                        let item = json!({"type": "message", "id": message_id, "status": "in_progress", "role": "assistant", "content": []});
-                        yield event(&mut sequence, json!({"type": "response.output_item.added", "output_index": index, "item": item}));
-                        yield event(&mut sequence, json!({"type": "response.content_part.added", "item_id": message_id, "output_index": index, "content_index": 0,
-                                                          "part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []}}));
+                        message_index = Some(output.len());
+                        for value in open_message(&message_id, &mut output) {
+                            yield event(&mut sequence, value);
+                        }
                     }
                     if let Some(index) = message_index {
                         let part = json!({"type": "output_text", "text": text, "annotations": [], "logprobs": []});
@@ -458,6 +449,18 @@ fn response_stream(mut answer: Answer, echo: Echo, mut conversation: Vec<ChatMes
             }
         }
     }
+}
+
+/// The events that open the answer's message item (its place in `output` is kept for it).
+fn open_message(id: &str, output: &mut Vec<Value>) -> [Value; 2] {
+    let index = output.len();
+    output.push(Value::Null);
+    let item = json!({"type": "message", "id": id, "status": "in_progress", "role": "assistant", "content": []});
+    [
+        json!({"type": "response.output_item.added", "output_index": index, "item": item}),
+        json!({"type": "response.content_part.added", "item_id": id, "output_index": index, "content_index": 0,
+               "part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []}}),
+    ]
 }
 
 /// Reasoning gathered so far becomes one output item (added and done at once).

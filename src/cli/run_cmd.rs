@@ -56,7 +56,7 @@ enum Backend {
 
 impl Backend {
     /// Sends the conversation and prints the answer as it arrives. Ctrl-C stops it.
-    async fn answer(&self, model: &str, messages: &[ChatMessage], parameters: &Parameters, rag: Option<&RagOptions>, out: &mut dyn Write) -> Result<Answer, CliError> {
+    async fn answer(&self, model: &str, messages: &[ChatMessage], parameters: &Parameters, rag: Option<&RagOptions>, think: Option<bool>, out: &mut dyn Write) -> Result<Answer, CliError> {
         let mut answer = Answer::default();
         let interrupt = tokio::signal::ctrl_c();
         tokio::pin!(interrupt);
@@ -68,6 +68,7 @@ impl Backend {
                     stream: Some(true),
                     options: Some(ollama_types::Options::from_parameters(parameters)),
                     rag: rag.map(|rag| serde_json::to_value(rag).unwrap_or_default()),
+                    think,
                     ..Default::default()
                 };
                 let server_error = |e: ClientError| CliError(msg!("run.error.server", reason = e));
@@ -110,6 +111,7 @@ impl Backend {
                     messages: messages.to_vec(),
                     options: Options::new(ApiFamily::Native, parameters.clone()),
                     rag: rag.cloned(),
+                    think,
                     ..Default::default()
                 };
                 let mut generation = service.chat(request).await.map_err(|e| CliError(e.msg()))?;
@@ -128,12 +130,12 @@ impl Backend {
                                 let _ = out.flush();
                             }
                         }
-                        Some(AnswerEvent::Reasoning(text)) => {
+                        Some(AnswerEvent::Reasoning(text)) if think != Some(false) => {
                             // Thinking is shown dimmed and kept out of the history.
                             let _ = write!(out, "\x1b[2m{text}\x1b[0m");
                             let _ = out.flush();
                         }
-                        Some(AnswerEvent::ToolCalls(_)) => {}
+                        Some(AnswerEvent::Reasoning(_)) | Some(AnswerEvent::ToolCalls(_)) => {}
                         Some(AnswerEvent::Done(done)) => {
                             answer.prompt_tokens = done.usage.prompt_tokens;
                             answer.completion_tokens = done.usage.completion_tokens;
@@ -197,7 +199,12 @@ struct Session {
     history: Vec<ChatMessage>,
     rag: Option<RagOptions>,
     verbose: bool,
+    /// The model's own context length.
     context_length: usize,
+    /// The window of a request that sets no num_ctx (`context_length` in the config).
+    configured_context: usize,
+    /// `/set think` / `/set nothink`: reasoning models think (shown dimmed) or not.
+    think: Option<bool>,
 }
 
 impl Session {
@@ -215,7 +222,7 @@ impl Session {
     async fn ask(&mut self, prompt: &str) -> CliResult {
         let messages = self.messages(prompt);
         let mut stdout = std::io::stdout();
-        let answer = self.backend.answer(&self.model, &messages, &self.parameters, self.rag.as_ref(), &mut stdout).await?;
+        let answer = self.backend.answer(&self.model, &messages, &self.parameters, self.rag.as_ref(), self.think, &mut stdout).await?;
         if answer.interrupted {
             println!();
             eprintln!("{}", t!("run.interrupted"));
@@ -230,8 +237,9 @@ impl Session {
         }
         self.history.push(ChatMessage::new("user", prompt));
         self.history.push(ChatMessage::new("assistant", answer.text));
-        // Keep the conversation inside the context: drop the oldest turns, with a notice.
-        let context = self.parameters.num_ctx.unwrap_or(self.context_length).max(256);
+        // Keep the conversation inside the window the server gives this request (the same
+        // policy as every API): drop the oldest turns, with a notice.
+        let context = crate::answer::prompt::context_window(&self.parameters, self.configured_context, self.context_length);
         let used = answer.prompt_tokens + answer.completion_tokens;
         if used * 4 > context * 3 && self.history.len() > 2 {
             let dropped = self.history.len().min(2);
@@ -268,6 +276,10 @@ impl Session {
                         }
                         Err(reason) => println!("{}", t!("run.set.invalid", reason = reason)),
                     }
+                }
+                Some(switch @ ("think" | "nothink")) => {
+                    self.think = Some(switch == "think");
+                    println!("{}", if switch == "think" { t!("run.set.think") } else { t!("run.set.nothink") });
                 }
                 Some("system") => {
                     let text = line.splitn(3, char::is_whitespace).nth(2).unwrap_or_default().trim();
@@ -346,7 +358,7 @@ pub fn run(args: RunArgs) -> CliResult {
             .ok()
             .and_then(|r| r.base.context_length())
             .unwrap_or(4096);
-        let mut session = Session { backend, model: args.name.clone(), system: args.system.clone(), parameters: Parameters::default(), history: Vec::new(), rag, verbose: args.verbose, context_length };
+        let mut session = Session { backend, model: args.name.clone(), system: args.system.clone(), parameters: Parameters::default(), history: Vec::new(), rag, verbose: args.verbose, context_length, configured_context: config.context_length, think: None };
         let outcome = match args.prompt.clone().or(stdin_prompt) {
             Some(prompt) => one_shot(&mut session, &prompt).await,
             None => interactive(&mut session, &config).await,

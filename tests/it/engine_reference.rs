@@ -409,3 +409,37 @@ fn converted_hf_and_mlx_folders_match_the_reference() {
         loaded.runtime.block_on(loaded.engine.unload(id));
     }
 }
+
+/// Reads a generation to its end: its token ids and its text as the events carried it.
+async fn read_to_end(mut events: tokio::sync::mpsc::Receiver<EngineEvent>) -> (Vec<u32>, String) {
+    let mut text = String::new();
+    while let Some(event) = events.recv().await {
+        match event {
+            EngineEvent::Token { text: piece, .. } => text.push_str(&piece),
+            EngineEvent::Done(done) => return (done.tokens, text),
+            EngineEvent::Error(error) => panic!("generation failed: {error}"),
+        }
+    }
+    panic!("the engine closed the stream");
+}
+
+#[test]
+fn a_client_that_stops_reading_pauses_its_own_sequence_not_the_batch() {
+    let _guard = mlx_lock();
+    let loaded = loaded();
+    let frontend = chat_frontend(&loaded.smol);
+    let prompt = frontend.encode_prompt("1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,").unwrap();
+    let (tokens, text, _) = greedy(&loaded.engine, &loaded.runtime, SMOL, prompt.clone(), 200);
+    assert!(tokens.len() > 2 * mlxserver::engine::EVENT_CAPACITY, "the answer must outgrow the event channel: {} tokens", tokens.len());
+    loaded.runtime.block_on(async {
+        let request = || GenerateRequest { prompt_tokens: prompt.clone(), sampling: SamplingParams::greedy(), max_tokens: Some(200), context_length: None, stop: vec![], logprobs: None, grammar: None };
+        let unread = loaded.engine.generate(SMOL, request()).unwrap();
+        let read = loaded.engine.generate(SMOL, request()).unwrap();
+        // Nobody reads the first: the second still runs to its end (the batch is not held up).
+        let second = tokio::time::timeout(std::time::Duration::from_secs(300), read_to_end(read)).await.expect("the batch kept decoding");
+        assert_eq!(second, (tokens.clone(), text.clone()));
+        // The paused one resumes when read, and nothing it said was lost or changed.
+        let first = read_to_end(unread).await;
+        assert_eq!(first, (tokens.clone(), text.clone()));
+    });
+}

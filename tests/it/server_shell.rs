@@ -113,7 +113,10 @@ async fn api_key_guards_every_route_family() {
         let response = http.request(method.clone(), server.url(path)).send().await.unwrap();
         assert_eq!(response.status(), 401, "{method} {path} without a key");
         let body: serde_json::Value = response.json().await.unwrap();
-        if path.starts_with("/v1/") {
+        if path.starts_with("/v1/messages") {
+            // Anthropic's shape.
+            assert_eq!((body["type"].as_str(), body["error"]["type"].as_str()), (Some("error"), Some("authentication_error")), "{path}: {body}");
+        } else if path.starts_with("/v1/") || path == "/tokenize" || path == "/detokenize" {
             assert_eq!(body["error"]["type"], "authentication_error", "{path}: {body}");
             assert_eq!(body["error"]["code"], "invalid_api_key", "{path}: {body}");
         } else {
@@ -190,8 +193,10 @@ async fn a_panicking_handler_becomes_a_500_and_the_server_stays_up() {
     assert!(!body.to_string().contains("boom"), "panic details are not leaked: {body}");
     let response = http.get(format!("http://{address}/api/boom")).send().await.unwrap();
     assert_eq!(response.status(), 500);
+    let request_id = response.headers()["x-request-id"].to_str().unwrap().to_string();
     let body: serde_json::Value = response.json().await.unwrap();
-    assert_eq!(body["error"], "internal server error");
+    let message = body["error"].as_str().unwrap();
+    assert!(message.starts_with("internal server error") && message.contains(&request_id) && !message.contains("boom"), "{body}");
     assert_eq!(http.get(format!("http://{address}/ok")).send().await.unwrap().text().await.unwrap(), "fine");
 }
 
