@@ -62,7 +62,13 @@ fn main() {
         None => model,
     };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let engine = Engine::start(EngineConfig { cpu_dtype, prefill_chunk: 512, max_batch: batch.max(1), prefix_cache_bytes: 0, ..Default::default() });
+    // MLX's buffer cache bound (bytes); the server's default when not given.
+    let cache_limit = args.iter().position(|a| a == "--cache-limit").and_then(|i| args.get(i + 1)).and_then(|v| v.parse::<u64>().ok());
+    let mut config = EngineConfig { cpu_dtype, prefill_chunk: 512, max_batch: batch.max(1), prefix_cache_bytes: 0, ..Default::default() };
+    if let Some(bytes) = cache_limit {
+        config.cache_limit_bytes = bytes;
+    }
+    let engine = Engine::start(config);
     let started = Instant::now();
     let info = runtime.block_on(engine.load(1, &model)).expect("load");
     let load_seconds = started.elapsed().as_secs_f64();

@@ -8,6 +8,8 @@
 #   remote.sh peers        mlx-lm and llama.cpp benchmarks
 #   remote.sh ours         mlxserver: engine bench (batch 1, 16), served first-request latency,
 #                          GGUF pull and serve
+#   remote.sh decode       batch-1 decode split into build/launch/wait, ours and mlx-lm's
+#   remote.sh kernels      GPU time per kernel over one decode step, ours and mlx-lm's (ncu)
 # Results are JSON lines in $OUT/results.jsonl, logs in $OUT.
 set -uo pipefail
 stage="${1:?stage}"
@@ -103,5 +105,25 @@ engine)
     env $setting "$B/engine_bench" "$Q" --prompt-tokens 512 --decode-tokens 128 --runs 2 --batch 16 2>"$OUT/engine16.log" | tee -a "$OUT/results.jsonl"; grep "decode profile" "$OUT/engine16.log" | tail -1
   done
   for b in 1 16; do python3 -m mlx_lm benchmark --model "$Q" -p 512 -g 128 -b "$b" -n 3 2>&1 | tail -1; done ;;
+decode)
+  # Decode only, on the same 4-bit folder for us and mlx-lm: the server's MLX buffer-cache
+  # bound against an unbounded one (is a freed buffer reallocated every step?).
+  B="$W/b/bin"; M="$W/m/big-hf"; Q="$M-4bit"
+  [ -d "$M" ] || python3 "$(dirname "$0")/make_random_model.py" "$M" "$W/b/tokenizer" --shape 8b >/dev/null || exit 1
+  [ -d "$Q" ] || "$B/engine_bench" "$M" --quantize 4 --prompt-tokens 16 --decode-tokens 4 --runs 1 >/dev/null 2>"$OUT/quantize.log"
+  for setting in "" "MLXSERVER_PIPELINE=0"; do
+    echo "== batch 1 $setting"
+    env MLXSERVER_PROFILE=1 $setting "$B/engine_bench" "$Q" --prompt-tokens 512 --decode-tokens 128 --runs 3 --cache-limit 100000000000 2>"$OUT/decode.log" | tee -a "$OUT/results.jsonl"; grep "decode profile" "$OUT/decode.log" | tail -1
+  done
+  python3 -m mlx_lm benchmark --model "$Q" -p 512 -g 128 -b 1 -n 3 2>&1 | tail -1
+  python3 "$(dirname "$0")/step_split.py" "$Q" 128 2>&1 | grep thread ;;
+kernels)
+  # GPU time of each kernel over about one decode step in the middle of a run (Nsight
+  # Compute: kernels 30000..31000 of the process), ours and mlx-lm's on the same folder.
+  B="$W/b/bin"; Q="$W/m/big-hf-4bit"; N=/opt/nvidia/nsight-compute/ncu
+  [ -x "$N" ] || N=$(ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  summary() { python3 "$(dirname "$0")/ncu_summary.py" "$1"; }
+  "$N" --launch-skip 30000 --launch-count 1000 --metrics gpu__time_duration.sum --csv --page raw "$B/engine_bench" "$Q" --prompt-tokens 16 --decode-tokens 64 --runs 1 >"$OUT/ncu-ours.csv" 2>"$OUT/ncu-ours.log"; echo "== ours"; summary "$OUT/ncu-ours.csv"
+  "$N" --launch-skip 30000 --launch-count 1000 --metrics gpu__time_duration.sum --csv --page raw python3 -m mlx_lm generate --model "$Q" --prompt hi -m 64 --ignore-chat-template >"$OUT/ncu-mlxlm.csv" 2>"$OUT/ncu-mlxlm.log"; echo "== mlx-lm"; summary "$OUT/ncu-mlxlm.csv" ;;
 *) echo "unknown stage $stage"; exit 2 ;;
 esac

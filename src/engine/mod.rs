@@ -954,7 +954,9 @@ fn decode_pipelined_step(
     let logits = model.decode_batched(&inputs, batch)?;
     let next = ops::indexing::argmax_axis(&logits, -1, false)?.as_dtype(Dtype::Int32)?;
     let built = Instant::now();
-    mlx_rs::transforms::async_eval(std::iter::once(&next).chain(batch.arrays()))?;
+    dump_graph_once(&next);
+    // The cache writes are dependencies of `next`: evaluating it evaluates them.
+    mlx_rs::transforms::async_eval(std::iter::once(&next))?;
     let launched = Instant::now();
     let next = InFlight { tokens: next, known: vec![false; rows as usize] };
     let Some(previous) = previous else {
@@ -969,6 +971,34 @@ fn decode_pipelined_step(
     retire(batch, running, done, finished)?;
     *in_flight = next.keep(&keep)?;
     Ok(())
+}
+
+/// Writes the graph of one decode step (MLX's DOT format) to the file `MLXSERVER_DUMP_GRAPH`
+/// names, once per process: the op count and kinds of a step, to compare with mlx-lm's
+/// (`mx.export_to_dot`) when looking for per-step overhead.
+fn dump_graph_once(output: &Array) {
+    static DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let Some(path) = std::env::var_os("MLXSERVER_DUMP_GRAPH") else { return };
+    if DONE.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        return;
+    }
+    use std::os::unix::ffi::OsStrExt;
+    let (Ok(path), Ok(mode)) = (std::ffi::CString::new(path.as_bytes()), std::ffi::CString::new("w")) else { return };
+    // SAFETY: the FILE and the vector are created, used and released here; the array pointer
+    // stays valid while `output` is borrowed.
+    unsafe {
+        let file = libc::fopen(path.as_ptr(), mode.as_ptr());
+        if file.is_null() {
+            return;
+        }
+        let outputs = mlx_sys::mlx_vector_array_new();
+        mlx_sys::mlx_vector_array_append_value(outputs, output.as_ptr());
+        let namer = mlx_sys::mlx_node_namer_new();
+        mlx_sys::mlx_export_to_dot(file.cast(), namer, outputs);
+        mlx_sys::mlx_node_namer_free(namer);
+        mlx_sys::mlx_vector_array_free(outputs);
+        libc::fclose(file);
+    }
 }
 
 /// One token for every running sequence with one attention call per layer over the batch

@@ -1,7 +1,7 @@
 //! Building blocks shared by the models: linear layers (dense or MLX-quantized), embedding
 //! tables, and the per-sequence key/value cache.
 
-use mlx_rs::ops::indexing::{IndexOp, TryIndexMutOp};
+use mlx_rs::ops::indexing::IndexOp;
 use mlx_rs::{ops, Array, Dtype};
 
 use super::EngineError;
@@ -245,8 +245,8 @@ impl KvCache {
         let (Some(cache_keys), Some(cache_values)) = (self.keys.as_mut(), self.values.as_mut()) else {
             return Err(EngineError::Mlx("key/value cache was not allocated".into()));
         };
-        cache_keys.try_index_mut((.., .., self.offset..needed, ..), keys)?;
-        cache_values.try_index_mut((.., .., self.offset..needed, ..), values)?;
+        *cache_keys = write_positions(cache_keys, keys, self.offset)?;
+        *cache_values = write_positions(cache_values, values, self.offset)?;
         self.offset = needed;
         Ok((cache_keys.index((.., .., ..needed, ..)), cache_values.index((.., .., ..needed, ..))))
     }
@@ -394,7 +394,7 @@ impl BatchCache {
                 let room = zeros_like_shape(&used, &[used.dim(0), used.dim(1), CACHE_STEP, used.dim(3)])?;
                 *cache = ops::concatenate(&[used, room], 2)?;
             }
-            cache.try_index_mut((.., .., column..column + 1, ..), new)?;
+            *cache = write_positions(cache, new, column)?;
         }
         let width = column + 1;
         Ok((self.keys[layer].index((.., .., ..width, ..)), self.values[layer].index((.., .., ..width, ..))))
@@ -421,3 +421,40 @@ impl BatchCache {
         self.keys.iter().chain(self.values.iter())
     }
 }
+
+/// `cache[:, :, start:start+n, :] = update` (`[B, heads, n, dim]`) as one MLX op: mlx-rs's
+/// `IndexMut` wraps the update in two reshapes, two more nodes per cache write for the GPU
+/// to encode on every decode step.
+fn write_positions(cache: &Array, update: &Array, start: i32) -> Result<Array> {
+    let shape = cache.shape();
+    if shape.len() != 4 || update.ndim() != 4 {
+        return Err(EngineError::Mlx("key/value cache writes take [batch, heads, positions, dim] arrays".into()));
+    }
+    let starts = [0, 0, start, 0];
+    let stops = [shape[0], shape[1], start + update.dim(2), shape[3]];
+    let strides = [1i32; 4];
+    let stream = mlx_rs::Stream::thread_local_or_default();
+    // SAFETY: every pointer is valid for the call; on success MLX hands back a new array that
+    // `from_ptr` takes ownership of, on failure the placeholder is freed here.
+    unsafe {
+        let mut result = mlx_sys::mlx_array_new();
+        let status = mlx_sys::mlx_slice_update(
+            &mut result,
+            cache.as_ptr(),
+            update.as_ptr(),
+            starts.as_ptr(),
+            4,
+            stops.as_ptr(),
+            4,
+            strides.as_ptr(),
+            4,
+            stream.as_ptr(),
+        );
+        if status != 0 {
+            mlx_sys::mlx_array_free(result);
+            return Err(EngineError::Mlx(format!("writing the key/value cache failed at position {start}")));
+        }
+        Ok(Array::from_ptr(result))
+    }
+}
+
