@@ -49,9 +49,12 @@ def test_embed(client):
 
 
 def test_list_show_ps(client):
-    names = {m.model for m in client.list().models}
-    assert f"{CHAT_MODEL}:latest" in names
+    models = {m.model: m for m in client.list().models}
+    assert f"{CHAT_MODEL}:latest" in models
+    # SmolLM2-135M: the parameter count Ollama's clients show, from the weights.
+    assert models[f"{CHAT_MODEL}:latest"].details.parameter_size == "134.5M"
     shown = client.show(CHAT_MODEL)
+    assert shown.details.parameter_size == "134.5M" and shown.details.family == "llama"
     assert "FROM" in shown.modelfile
     assert "completion" in shown.capabilities
     client.generate(model=CHAT_MODEL, prompt="hi", options={"num_predict": 1})
