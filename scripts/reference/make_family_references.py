@@ -24,6 +24,12 @@ with mlx_lm.models.cache.make_prompt_cache(model), then greedy-decode 16 tokens 
 For llama, phi3, qwen3, gemma3_text and mixtral also quantize the float32 model with
 mlx_lm.utils.quantize_model(model, config, 32, 4) (what `mlx_lm convert -q --q-bits 4
 --q-group-size 32` does, including any model quant_predicate) and decode again.
+Every family also gets (for the chosen salt only, so the float32 and 4-bit numbers do not
+depend on them): `bfloat16` (weights cast to bfloat16, written as two shards with
+model.safetensors.index.json, run by mlx-lm in bfloat16 and, after set_dtype(float32), in
+float32), `quantized_8bit` (quantize_model(model, config, 64, 8)); llama and qwen3 also get
+`quantized_mixed` (4-bit group 64 with per-layer overrides in config.json's quantization
+block, saved and reloaded through load_model). See FAMILIES.md.
 `--tries` candidate seed sets (salt 0..N-1) are tried per family; the one kept has >= 10
 distinct greedy ids (float and 4-bit) and the largest smallest top1-top2 margin.
 
@@ -102,6 +108,20 @@ GEN_LEN = 16
 MIN_MARGIN = 0.05
 Q_BITS = 4
 Q_GROUP = 32
+Q8_BITS = 8
+Q8_GROUP = 64
+# Per-layer mixed quantization (llama, qwen3): default 4-bit group 64; layer 0's down_proj in
+# 8-bit group 64; layer 1's v_proj in 8-bit group 32 (a group size other than the default);
+# one module left in float32 (predicate False: no entry in config, no scales in the weights):
+# llama's lm_head, qwen3's (tied, no lm_head) layer 1 up_proj.
+MIXED_UNQUANTIZED = {"llama": ["lm_head"], "qwen3": ["model.layers.1.mlp.up_proj"]}
+MIXED_FAMILIES = tuple(MIXED_UNQUANTIZED)
+MIXED_BITS = 4
+MIXED_GROUP = 64
+MIXED_OVERRIDES = {
+    "model.layers.0.mlp.down_proj": {"group_size": 64, "bits": 8},
+    "model.layers.1.self_attn.v_proj": {"group_size": 32, "bits": 8},
+}
 
 # ----------------------------------------------------------------------------------------
 # The recipe
@@ -741,43 +761,180 @@ def run_family(family, spec, tmp: Path, tries: int):
     if "sliding" in spec:
         fx["sliding_window_exercised"] = spec["sliding"]
     if spec.get("quantize"):
-        qmodel, qcfg = best["qmodel"], best["qcfg"]
-        qpaths = quantized_modules(qmodel)
-        qids, qfirst, qlast, qmargins = best["q"]
-        mods = dict(qmodel.named_modules())
-        fparams = dict(tree_flatten(model.parameters()))
-        hashes = []
-        for p in qpaths:
-            m = mods[p]
-            h = {"path": p, "bits": m.bits, "group_size": m.group_size,
-                 "weight_shape": list(m.weight.shape),
-                 "weight_sha256": sha(m.weight), "scales_sha256": sha(m.scales)}
-            if m.get("biases") is not None:
-                h["biases_sha256"] = sha(m["biases"])
-            nq, ns, nb = affine_quantize_np(np.array(fparams[p + ".weight"]), m.group_size, m.bits)
-            assert np.array_equal(np.array(m.weight), nq), p
-            assert np.array(m.scales).tobytes() == ns.tobytes(), p
-            assert np.array(m["biases"]).tobytes() == nb.tobytes(), p
-            hashes.append(h)
-        fx["quantized"] = {
-            "bits": Q_BITS,
-            "group_size": Q_GROUP,
-            "mode": "affine",
-            "how": "mlx_lm.utils.quantize_model(model, config, 32, 4) on the float32 model "
-                   "loaded by mlx_lm.utils.load_model (what mlx_lm convert -q --q-bits 4 "
-                   "--q-group-size 32 does after casting to torch_dtype float32)",
-            "config_quantization": qcfg["quantization"],
-            "quantized_modules": qpaths,
-            "quantized_tensor_sha256": hashes,
-            "greedy_ids": qids,
-            "first_logits": rnd(qfirst),
-            "margins": rnd(qmargins, 6),
-            "mlx_parameters": [p[:2] for p in params_list(qmodel)],
-            "note": "sha256 over the raw little-endian bytes of weight (uint32 packed), "
-                    "scales and biases (float32) of each quantized module; each one was also "
-                    "checked bit for bit against affine_quantize_np() in the script",
-        }
+        fx["quantized"] = quantized_record(
+            model, best["qmodel"], best["qcfg"], best["q"], Q_BITS, Q_GROUP,
+            "mlx_lm.utils.quantize_model(model, config, 32, 4) on the float32 model "
+            "loaded by mlx_lm.utils.load_model (what mlx_lm convert -q --q-bits 4 "
+            "--q-group-size 32 does after casting to torch_dtype float32)")
+    # The extra references below are computed for the chosen salt only, after the choice,
+    # so they never change which salt (and so which float32 / 4-bit numbers) is kept.
+    fx["bfloat16"] = bf16_reference(family, cfg, recipe, prompt, tmp)
+    fx["quantized_8bit"] = q8_reference(family, cfg, best["folder"], model, prompt)
+    if family in MIXED_FAMILIES:
+        fx["quantized_mixed"] = mixed_reference(family, cfg, best["folder"], model, prompt, tmp)
     return fx
+
+
+def quantized_record(model, qmodel, qcfg, q, bits, group, how, full=True):
+    """The fixture entry of a quantized reference; every quantized tensor is checked bit
+    for bit against affine_quantize_np(). full=False (8-bit, mixed) leaves out the tensor
+    hashes and the parameter list to keep the fixture small (the bit-for-bit check still
+    runs here)."""
+    qpaths = quantized_modules(qmodel)
+    qids, qfirst, qlast, qmargins = q
+    mods = dict(qmodel.named_modules())
+    fparams = dict(tree_flatten(model.parameters()))
+    hashes = []
+    for p in qpaths:
+        m = mods[p]
+        h = {"path": p, "bits": m.bits, "group_size": m.group_size,
+             "weight_shape": list(m.weight.shape),
+             "weight_sha256": sha(m.weight), "scales_sha256": sha(m.scales)}
+        if m.get("biases") is not None:
+            h["biases_sha256"] = sha(m["biases"])
+        nq, ns, nb = affine_quantize_np(np.array(fparams[p + ".weight"]), m.group_size, m.bits)
+        assert np.array_equal(np.array(m.weight), nq), p
+        assert np.array(m.scales).tobytes() == ns.tobytes(), p
+        assert np.array(m["biases"]).tobytes() == nb.tobytes(), p
+        hashes.append(h)
+    rec = {
+        "bits": bits,
+        "group_size": group,
+        "mode": "affine",
+        "how": how,
+        "config_quantization": qcfg["quantization"],
+        "quantized_modules": qpaths,
+        "quantized_tensor_sha256": hashes,
+        "greedy_ids": qids,
+        "first_logits": rnd(qfirst),
+        "margins": rnd(qmargins, 6),
+        "mlx_parameters": [p[:2] for p in params_list(qmodel)],
+        "note": "sha256 over the raw little-endian bytes of weight (uint32 packed), "
+                "scales and biases (float32) of each quantized module; each one was also "
+                "checked bit for bit against affine_quantize_np() in the script",
+    }
+    if not full:
+        del rec["quantized_tensor_sha256"], rec["mlx_parameters"]
+        rec["note"] = ("every quantized module's weight/scales/biases were checked bit for "
+                       "bit against affine_quantize_np() in the script")
+    return rec
+
+
+def bf16_reference(family, cfg, recipe, prompt, tmp: Path):
+    """The recipe's float32 values cast to bfloat16 (round to nearest even, mx.astype),
+    written as two safetensors shards with a model.safetensors.index.json (Hugging Face's
+    sharded layout), loaded by mlx_lm.utils.load_model, run in bfloat16."""
+    folder = tmp / f"{family}-bf16"
+    folder.mkdir(parents=True, exist_ok=True)
+    c = copy.deepcopy(cfg)
+    c["torch_dtype"] = "bfloat16"
+    (folder / "config.json").write_text(json.dumps(c, indent=2))
+    names = [r["name"] for r in recipe]
+    half = (len(names) + 1) // 2
+    shards = {"model-00001-of-00002.safetensors": names[:half],
+              "model-00002-of-00002.safetensors": names[half:]}
+    by_name = {r["name"]: r for r in recipe}
+    weight_map = {}
+    for fname, part in shards.items():
+        arrays = {}
+        for n in part:
+            r = by_name[n]
+            arrays[n] = mx.array(recipe_values(r["shape"], r["seed"], r["offset"], r["scale"])).astype(mx.bfloat16)
+            weight_map[n] = fname
+        mx.save_safetensors(str(folder / fname), arrays, metadata={"format": "pt"})
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+    bmodel, _ = load_model(folder)
+    for k, v in tree_flatten(bmodel.parameters()):
+        assert v.dtype == mx.bfloat16, (k, v.dtype)
+    out = {
+        "dtype": "bfloat16",
+        "how": "recipe float32 values cast with mx.array.astype(mx.bfloat16) (round to "
+               "nearest even), saved as two shards model-0000{1,2}-of-00002.safetensors "
+               "(first half of the tensor list in recipe order, then the rest) with "
+               "model.safetensors.index.json, config torch_dtype bfloat16, loaded by "
+               "mlx_lm.utils.load_model. 'bf16_compute': the model run in bfloat16 as loaded "
+               "(absent for MoE families: MLX's CPU GatherMM is float32-only). "
+               "'f32_compute': the same loaded model after model.set_dtype(mx.float32), i.e. "
+               "the bfloat16-rounded weights computed in float32. Logits cast to float32.",
+        "shards": {k: v for k, v in shards.items()},
+    }
+    moe = cfg["model_type"] in ("qwen3_moe", "mixtral")
+    if not moe:
+        ids, first, last, margins = greedy(bmodel, prompt)
+        print(f"  bf16: ids={ids} min_margin={min(margins):.4f}", flush=True)
+        out["bf16_compute"] = {"greedy_ids": ids, "first_logits": rnd(first),
+                               "margins": rnd(margins, 6)}
+    bmodel.set_dtype(mx.float32)
+    for k, v in tree_flatten(bmodel.parameters()):
+        assert v.dtype == mx.float32, (k, v.dtype)
+    ids, first, last, margins = greedy(bmodel, prompt)
+    print(f"  bf16 weights, f32 compute: ids={ids} min_margin={min(margins):.4f}", flush=True)
+    out["f32_compute"] = {"greedy_ids": ids, "first_logits": rnd(first),
+                          "margins": rnd(margins, 6)}
+    return out
+
+
+def q8_reference(family, cfg, folder: Path, model, prompt):
+    """8-bit, group 64: exactly the 4-bit path with other numbers."""
+    qmodel, _ = load_model(folder)
+    qmodel, qcfg = quantize_model(qmodel, copy.deepcopy(cfg), Q8_GROUP, Q8_BITS)
+    q = greedy(qmodel, prompt)
+    print(f"  q8: ids={q[0]} min_margin={min(q[3]):.4f}", flush=True)
+    return quantized_record(
+        model, qmodel, qcfg, q, Q8_BITS, Q8_GROUP,
+        "mlx_lm.utils.quantize_model(model, config, 64, 8) on the float32 model loaded by "
+        "mlx_lm.utils.load_model (mlx_lm convert -q --q-bits 8 --q-group-size 64)", full=False)
+
+
+def mixed_predicate_for(family):
+    return lambda path, module: mixed_predicate(family, path, module)
+
+
+def mixed_predicate(family, path, module):
+    """Per-layer mixed quantization, as mlx-lm's convert --quant-predicate recipes do:
+    a dict overrides the default for that module (recorded in config.json's quantization
+    block under the module path), False leaves the module in float."""
+    if path in MIXED_OVERRIDES:
+        return dict(MIXED_OVERRIDES[path])
+    if path in MIXED_UNQUANTIZED[family]:
+        return False
+    return True
+
+
+def mixed_reference(family, cfg, folder: Path, model, prompt, tmp: Path):
+    """Default 4-bit group 64 with per-module overrides in config.json's quantization block.
+    The quantized model is saved (weights + config with the per-layer block) and loaded back
+    with mlx_lm.utils.load_model, whose class_predicate reads the per-layer entries; the
+    reloaded model's greedy run is the reference (checked equal to the in-memory one)."""
+    qmodel, _ = load_model(folder)
+    qmodel, qcfg = quantize_model(qmodel, copy.deepcopy(cfg), MIXED_GROUP, MIXED_BITS,
+                                  quant_predicate=mixed_predicate_for(family))
+    for p in MIXED_OVERRIDES:
+        assert qcfg["quantization"][p] == MIXED_OVERRIDES[p], (p, qcfg["quantization"])
+    q = greedy(qmodel, prompt)
+    saved = tmp / f"{family}-mixed"
+    saved.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(saved / "model.safetensors"), dict(tree_flatten(qmodel.parameters())),
+                        metadata={"format": "mlx"})
+    (saved / "config.json").write_text(json.dumps(qcfg, indent=2))
+    rmodel, _ = load_model(saved)
+    r = greedy(rmodel, prompt)
+    assert r[0] == q[0] and np.array_equal(r[1], q[1]), "reloaded mixed model differs"
+    mods = dict(rmodel.named_modules())
+    for p, params in MIXED_OVERRIDES.items():
+        assert mods[p].bits == params["bits"] and mods[p].group_size == params["group_size"], p
+    for p in MIXED_UNQUANTIZED[family]:
+        assert "scales" not in mods[p] and not hasattr(mods[p], "bits"), p
+    print(f"  mixed: ids={q[0]} min_margin={min(q[3]):.4f}", flush=True)
+    rec = quantized_record(
+        model, rmodel, qcfg, r, MIXED_BITS, MIXED_GROUP,
+        "mlx_lm.utils.quantize_model(model, config, 64, 4, quant_predicate=mixed_predicate_for(family)) "
+        "on the float32 model; saved with its config.json (per-layer entries in the "
+        "quantization block) and loaded back by mlx_lm.utils.load_model", full=False)
+    rec["overrides"] = MIXED_OVERRIDES
+    rec["unquantized_modules"] = MIXED_UNQUANTIZED[family]
+    return rec
 
 
 def main():

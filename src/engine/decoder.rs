@@ -455,9 +455,12 @@ fn scalar(value: f32, like: &Array) -> Result<Array> {
 }
 
 /// GELU with the tanh approximation, `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`, in the
-/// input's dtype (mlx-rs's own version multiplies by float32 scalars).
+/// input's dtype (mlx-rs's own version multiplies by float32 scalars). `x^3` is one
+/// `power` as in mlx's `nn.gelu_approx` (`x**3`): in bfloat16, `x * x * x` rounds twice and
+/// moved gemma3_text's logits by 1.5 bf16 ulps against mlx-lm (tests/it/families.rs,
+/// every_family_loads_sharded_bfloat16_like_mlx_lm).
 fn gelu_tanh(x: &Array) -> Result<Array> {
-    let cube = x.multiply(x)?.multiply(x)?;
+    let cube = x.power(scalar(3.0, x)?)?;
     let inner = x.add(cube.multiply(scalar(0.044715, x)?)?)?.multiply(scalar((2.0 / std::f32::consts::PI).sqrt(), x)?)?;
     Ok(x.multiply(scalar(0.5, x)?)?.multiply(ops::tanh(&inner)?.add(scalar(1.0, x)?)?)?)
 }
@@ -522,7 +525,10 @@ impl DecoderModel {
             Some(head) => head.forward(hidden)?,
             None => self.embed_tokens.as_linear(hidden)?,
         };
-        let logits = if self.config.logits_divisor != 1.0 { logits.multiply(Array::from_f32(1.0 / self.config.logits_divisor).as_dtype(logits.dtype())?)? } else { logits };
+        // A division by the divisor in the logits' dtype, as mlx-lm's granite does
+        // (`logits / logits_scaling`): multiplying by 1/1.6 instead differs by a bf16 ulp
+        // since bf16(1.6) != 1.6 (tests/it/families.rs, bfloat16 test).
+        let logits = if self.config.logits_divisor != 1.0 { logits.divide(Array::from_f32(self.config.logits_divisor).as_dtype(logits.dtype())?)? } else { logits };
         Ok(match self.config.final_softcap {
             Some(cap) => {
                 let cap_array = Array::from_f32(cap).as_dtype(logits.dtype())?;

@@ -87,7 +87,17 @@ pub struct Linear {
 impl Linear {
     pub fn forward(&self, x: &Array) -> Result<Array> {
         let y = match &self.weight {
-            Weight::Dense(w) => ops::matmul(x, w.t())?,
+            // A dense layer with a bias is one addmm, as mlx's nn.Linear does: in bfloat16 or
+            // float16 the product is rounded once with the bias added, where matmul-then-add
+            // rounds twice (qwen2's q/k/v biases in bf16 moved logits by ~0.2 against mlx-lm,
+            // tests/it/families.rs every_family_loads_sharded_bfloat16_like_mlx_lm).
+            Weight::Dense(w) => {
+                return Ok(match &self.bias {
+                    Some(bias) => ops::addmm(bias, x, w.t(), None, None)?,
+                    None => ops::matmul(x, w.t())?,
+                });
+            }
+            // mlx's QuantizedLinear adds its bias after the quantized matmul, as here.
             Weight::Quantized(q) => {
                 ops::quantized_matmul(x, &q.weight, &q.scales, &q.biases, true, q.group_size, q.bits)?
             }
