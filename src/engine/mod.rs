@@ -382,7 +382,8 @@ impl DecodeProfile {
 
 /// Queued tokens of a pipelined decode step.
 struct InFlight {
-    /// `[rows]` int32, on the device.
+    /// `[rows]` uint32 (argmax's own type, fed back as mlx-lm feeds it: no cast per step), on
+    /// the device.
     tokens: Array,
     /// Rows whose token the host already took (a sequence that joined with the first token
     /// of its prefill): they feed the next step but are not reported again.
@@ -637,7 +638,7 @@ impl Worker {
                                 sequence.cache = Vec::new();
                                 if let Some(mut queued) = model.in_flight.take() {
                                     // Its first token (already reported) joins the queued ones.
-                                    let first = Array::from_slice(&[sequence.next_input.unwrap_or(0) as i32], &[1]);
+                                    let first = Array::from_slice(&[sequence.next_input.unwrap_or(0)], &[1]);
                                     queued.known.push(true);
                                     model.in_flight = ops::concatenate(&[queued.tokens, first], 0).ok().map(|tokens| InFlight { tokens, known: queued.known });
                                 }
@@ -779,7 +780,7 @@ fn warm_up(model: &DecoderModel) -> Result<()> {
     batch.push(&cache)?;
     batch.push(&cache)?;
     for _ in 0..2 {
-        let logits = model.decode_batched(&Array::from_slice(&[0i32, 0], &[2, 1]), &mut batch)?;
+        let logits = model.decode_batched(&Array::from_slice(&[0u32, 0], &[2, 1]), &mut batch)?;
         mlx_rs::transforms::eval(std::iter::once(&logits).chain(batch.arrays()))?;
         logits_rows(&logits)?;
     }
@@ -878,7 +879,7 @@ fn resume_parked(parked: &mut Vec<Sequence>, running: &mut Vec<Sequence>, batch:
         batch.push(&sequence.cache)?;
         sequence.cache = Vec::new();
         if let Some(mut queued) = in_flight.take() {
-            let next = Array::from_slice(&[sequence.next_input.unwrap_or(0) as i32], &[1]);
+            let next = Array::from_slice(&[sequence.next_input.unwrap_or(0)], &[1]);
             queued.known.push(true);
             *in_flight = Some(InFlight { tokens: ops::concatenate(&[queued.tokens, next], 0)?, known: queued.known });
         }
@@ -905,13 +906,13 @@ fn retire(batch: &mut nn::BatchCache, running: &mut Vec<Sequence>, done: Vec<usi
 /// returns the rows that finished.
 fn take_tokens(queued: &InFlight, running: &mut [Sequence]) -> Result<Vec<usize>> {
     queued.tokens.eval()?;
-    let tokens = queued.tokens.try_as_slice::<i32>().map_err(|e| EngineError::Mlx(e.to_string()))?;
+    let tokens = queued.tokens.try_as_slice::<u32>().map_err(|e| EngineError::Mlx(e.to_string()))?;
     let mut done = Vec::new();
     for (index, sequence) in running.iter_mut().enumerate() {
         if queued.known.get(index).copied().unwrap_or(true) {
             continue;
         }
-        if let Progress::Finished = sequence.accept_token(tokens[index] as u32, None) {
+        if let Progress::Finished = sequence.accept_token(tokens[index], None) {
             done.push(index);
         }
     }
@@ -949,10 +950,10 @@ fn decode_pipelined_step(
     let previous = in_flight.take();
     let inputs = match &previous {
         Some(queued) => queued.tokens.reshape(&[rows, 1])?,
-        None => Array::from_slice(&running.iter().map(|s| s.next_input.unwrap_or(0) as i32).collect::<Vec<_>>(), &[rows, 1]),
+        None => Array::from_slice(&running.iter().map(|s| s.next_input.unwrap_or(0)).collect::<Vec<_>>(), &[rows, 1]),
     };
     let logits = model.decode_batched(&inputs, batch)?;
-    let next = ops::indexing::argmax_axis(&logits, -1, false)?.as_dtype(Dtype::Int32)?;
+    let next = ops::indexing::argmax_axis(&logits, -1, false)?;
     let built = Instant::now();
     dump_graph_once(&next);
     // The cache writes are dependencies of `next`: evaluating it evaluates them.
