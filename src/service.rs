@@ -276,15 +276,21 @@ impl Service {
     /// Loads an embedding model and returns its lease and frontend (the lease keeps it
     /// loaded for a whole batch job such as indexing documents).
     pub async fn embedding_model(&self, model: &str) -> Result<(Lease<Engine>, Arc<EmbedFrontend>)> {
+        let (_, lease, frontend) = self.leased_embedder(model, None).await?;
+        Ok((lease, frontend))
+    }
+
+    /// The resolved name, lease and frontend of an embedding model.
+    async fn leased_embedder(&self, model: &str, keep_alive: Option<KeepAlive>) -> Result<(String, Lease<Engine>, Arc<EmbedFrontend>)> {
         let resolved = self.resolve(model)?;
         if resolved.base.manifest.kind != ModelKind::Embedding {
             return Err(EngineError::WrongKind { expected: ModelKind::Embedding }.into());
         }
-        let lease = self.lease(&resolved, None).await?;
+        let lease = self.lease(&resolved, keep_alive).await?;
         let Frontend::Embedding(frontend) = lease.model.frontend.clone() else {
             return Err(EngineError::WrongKind { expected: ModelKind::Embedding }.into());
         };
-        Ok((lease, frontend))
+        Ok((resolved.name, lease, frontend))
     }
 
     /// Embeds texts with a model already leased (inputs are truncated to its window).
@@ -297,18 +303,11 @@ impl Service {
     /// model's window is an error instead of being cut.
     pub async fn embed(&self, request: EmbedRequest) -> Result<Embeddings> {
         let started = Instant::now();
-        let resolved = self.resolve(&request.model)?;
-        if resolved.base.manifest.kind != ModelKind::Embedding {
-            return Err(EngineError::WrongKind { expected: ModelKind::Embedding }.into());
-        }
-        let lease = self.lease(&resolved, request.keep_alive).await?;
-        let Frontend::Embedding(frontend) = lease.model.frontend.clone() else {
-            return Err(EngineError::WrongKind { expected: ModelKind::Embedding }.into());
-        };
+        let (name, lease, frontend) = self.leased_embedder(&request.model, request.keep_alive).await?;
         let tokenized = tokenize_for_embedding(&frontend, &request.inputs, request.truncate)?;
         let prompt_tokens = tokenized.iter().map(Vec::len).sum();
         let vectors = self.engine.embed(lease.id, tokenized).await?;
-        Ok(Embeddings { model: resolved.name.clone(), vectors, prompt_tokens, load_duration: lease.load_duration, total_duration: started.elapsed() })
+        Ok(Embeddings { model: name, vectors, prompt_tokens, load_duration: lease.load_duration, total_duration: started.elapsed() })
     }
 
     /// Token ids of a text or of a rendered chat, with each token's text.
@@ -368,8 +367,7 @@ impl Service {
         if documents.is_empty() {
             return Err(ServiceError::BadRequest("documents must not be empty".into()));
         }
-        let name = self.resolve(model)?.name;
-        let (lease, frontend) = self.embedding_model(model).await?;
+        let (name, lease, frontend) = self.leased_embedder(model, None).await?;
         if frontend.cross_encoder {
             let pairs = documents.iter().map(|document| frontend.encode_pair(query, document)).collect::<std::result::Result<Vec<_>, _>>()?;
             let tokens = pairs.iter().map(|pair| pair.ids.len()).sum();

@@ -301,7 +301,7 @@ fn chat_messages(messages: &[Message]) -> Result<Vec<ChatMessage>, ApiError> {
 }
 
 /// Ollama's `tools`: `[{"type": "function", "function": {name, description, parameters}}]`.
-fn tool_specs(tools: &Option<Vec<serde_json::Value>>) -> Result<Vec<ToolSpec>, ApiError> {
+pub(super) fn tool_specs(tools: &Option<Vec<serde_json::Value>>) -> Result<Vec<ToolSpec>, ApiError> {
     tools
         .iter()
         .flatten()

@@ -13,7 +13,6 @@ use utoipa::ToSchema;
 use super::error::{json_response, ApiError, ApiJson};
 use super::AppState;
 use crate::answer::{ChatMessage, TokenizeInput};
-use crate::engine::tools::ToolSpec;
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/tokenize", post(tokenize)).route("/detokenize", post(detokenize)).route("/v1/rerank", post(rerank))
@@ -68,13 +67,8 @@ pub async fn tokenize(State(state): State<AppState>, ApiJson(request): ApiJson<T
     let input = match (request.prompt, request.messages) {
         (Some(text), None) => TokenizeInput::Text { text, add_special_tokens: request.add_special_tokens },
         (None, Some(messages)) => {
-            let tools = request
-                .tools
-                .iter()
-                .flatten()
-                .map(|tool| serde_json::from_value::<ToolSpec>(tool.get("function").unwrap_or(tool).clone()))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| ApiError::invalid_param("tools", format!("invalid tool: {e}")))?;
+            // The same `tools` shape as Ollama's chat (OpenAI's function objects).
+            let tools = super::ollama::tool_specs(&request.tools)?;
             TokenizeInput::Chat {
                 messages: messages.into_iter().map(|m| ChatMessage::new(m.role, m.content)).collect(),
                 tools,
