@@ -4,6 +4,7 @@
 fn main() {
     println!("cargo:rerun-if-env-changed=DEP_MLX_LIB_DIR");
     println!("cargo:rerun-if-env-changed=MLXSERVER_NO_OPENBLAS");
+    println!("cargo::rustc-check-cfg=cfg(mlxserver_openblas)");
     let target_os = std::env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
     if target_os != "linux" {
         return;
@@ -17,5 +18,6 @@ fn main() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
         println!("cargo:rustc-link-arg=-lopenblas");
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
+        println!("cargo:rustc-cfg=mlxserver_openblas");
     }
 }

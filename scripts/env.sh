@@ -12,3 +12,15 @@ MLXSERVER_BIN="$CARGO_TARGET_DIR/debug/mlxserver"
 if [ "${MLXSERVER_BACKEND:-}" != "cpu" ] && [ -z "${MLX_LIB_DIR:-}" ] && [ -f "$MLXSERVER_CACHE/mlx-cuda/mlx/lib/libmlx.so" ]; then
   export MLX_LIB_DIR="$MLXSERVER_CACHE/mlx-cuda/mlx/lib"
 fi
+# Debian's OpenBLAS 0.3.21 falls back to Prescott kernels (8x slower sgemm) on CPU models it
+# does not know, such as cloud VMs; the server re-runs itself with the right kernels
+# (engine/device.rs), and this covers the in-process test and bench binaries.
+if [ -z "${OPENBLAS_CORETYPE:-}" ] && [ "$(uname -s)" = "Linux" ] && [ -r /proc/cpuinfo ]; then
+  cpu_flags=" $(grep -m1 '^flags' /proc/cpuinfo) "
+  if [[ "$cpu_flags" == *" avx512f "* && "$cpu_flags" == *" avx512bw "* && "$cpu_flags" == *" avx512vl "* && "$cpu_flags" == *" avx512dq "* ]]; then
+    export OPENBLAS_CORETYPE=SkylakeX
+  elif [[ "$cpu_flags" == *" avx2 "* && "$cpu_flags" == *" fma "* ]]; then
+    export OPENBLAS_CORETYPE=Haswell
+  fi
+  unset cpu_flags
+fi

@@ -306,6 +306,7 @@ pub fn localize(mut command: clap::Command, path: &str) -> clap::Command {
 
 /// The entry point of the binary: parse (with localized help), run, exit code.
 pub fn main() -> ExitCode {
+    crate::engine::device::reexec_with_better_blas();
     i18n::set_language(early_language());
     let command = localize(Cli::command(), "");
     let matches = match command.try_get_matches() {

@@ -12,7 +12,7 @@ use mlx_rs::ops::indexing::IndexOp;
 use mlx_rs::{ops, Array, Dtype};
 
 use super::nn::{Linear, Result};
-use super::EngineError;
+use super::{host, EngineError};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct BertConfig {
@@ -115,6 +115,8 @@ pub struct BertModel {
     pub normalize: bool,
     /// Present for `BertForSequenceClassification` checkpoints (cross-encoders).
     pub head: Option<ClassifierHead>,
+    /// GELU and the attention softmax run as host loops ([`super::host`]): MLX is on the CPU.
+    pub host_kernels: bool,
 }
 
 fn gelu(x: &Array) -> Result<Array> {
@@ -144,6 +146,14 @@ impl BertModel {
         // Padding keys get -inf before the softmax: [B, 1, 1, L].
         let mask_f = mask.as_dtype(Dtype::Float32)?;
         let additive = Array::from_f32(1.0).subtract(&mask_f)?.multiply(Array::from_f32(-1e9))?.reshape(&[batch, 1, 1, length])?;
+        // Real tokens per input (padding is at the end), for the host softmax.
+        let valid: Vec<usize> = if self.host_kernels {
+            let counts = mask.as_dtype(Dtype::Int32)?.sum_axis(1, false)?;
+            counts.eval()?;
+            counts.try_as_slice::<i32>().map_err(|e| EngineError::Mlx(e.to_string()))?.iter().map(|&n| n.max(0) as usize).collect()
+        } else {
+            Vec::new()
+        };
         for layer in &self.layers {
             let heads = |y: Array| -> Result<Array> {
                 Ok(y.reshape(&[batch, length, config.num_heads, head_dim])?.transpose_axes(&[0, 2, 1, 3])?)
@@ -151,10 +161,16 @@ impl BertModel {
             let q = heads(layer.query.forward(&x)?)?;
             let k = heads(layer.key.forward(&x)?)?;
             let v = heads(layer.value.forward(&x)?)?;
-            let attended = fast::scaled_dot_product_attention(&q, &k, &v, scale, ScaledDotProductAttentionMask::Array(&additive), None)?;
+            let attended = if self.host_kernels {
+                let scores = ops::matmul(&q.multiply(Array::from_f32(scale))?, &k.transpose_axes(&[0, 1, 3, 2])?)?;
+                ops::matmul(&host::masked_softmax(&scores, &valid)?, &v)?
+            } else {
+                fast::scaled_dot_product_attention(&q, &k, &v, scale, ScaledDotProductAttentionMask::Array(&additive), None)?
+            };
             let attended = attended.transpose_axes(&[0, 2, 1, 3])?.reshape(&[batch, length, config.hidden_size])?;
             x = layer.attention_norm.forward(&x.add(layer.attention_output.forward(&attended)?)?, config.layer_norm_eps)?;
-            let inner = gelu(&layer.intermediate.forward(&x)?)?;
+            let intermediate = layer.intermediate.forward(&x)?;
+            let inner = if self.host_kernels { host::gelu(&intermediate)? } else { gelu(&intermediate)? };
             x = layer.output_norm.forward(&x.add(layer.output.forward(&inner)?)?, config.layer_norm_eps)?;
         }
         Ok(x)

@@ -840,7 +840,9 @@ fn load_bert(folder: &Path, config: &Value, device: DevicePolicy) -> Result<Load
     tokenizer.with_padding(None);
     let dimensions = bert.hidden_size as usize;
     let cross_encoder = head.is_some();
-    let model = BertModel { config: bert, word_embeddings, position_embeddings, token_type_embeddings, embeddings_norm, layers, pooling, normalize, head };
+    // MLXSERVER_HOST_KERNELS=0 keeps MLX's own ops on the CPU too (benchmarks compare both).
+    let host_kernels = super::device::detect() == super::device::Backend::Cpu && std::env::var("MLXSERVER_HOST_KERNELS").map_or(true, |v| v != "0");
+    let model = BertModel { config: bert, word_embeddings, position_embeddings, token_type_embeddings, embeddings_norm, layers, pooling, normalize, head, host_kernels };
     let frontend = EmbedFrontend { tokenizer: Arc::new(tokenizer), dimensions, max_tokens, cross_encoder };
     Ok(LoadedModel::Embedding { model, frontend: Arc::new(frontend) })
 }

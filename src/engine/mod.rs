@@ -18,6 +18,7 @@ pub mod decoder;
 pub mod device;
 mod generate;
 pub mod gguf;
+pub mod host;
 pub mod loader;
 pub mod nn;
 pub mod prefix;
@@ -232,6 +233,9 @@ impl Engine {
         let (commands, receiver) = mpsc::channel();
         device::prepare_kernel_cache();
         let backend = device::detect();
+        if backend == Backend::Cpu {
+            device::reuse_large_host_buffers();
+        }
         let thread = std::thread::Builder::new()
             .name("mlx-engine".into())
             .spawn(move || Worker::new(config, backend).run(receiver))
