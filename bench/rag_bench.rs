@@ -91,12 +91,12 @@ fn main() {
             let mut end_to_end = Vec::with_capacity(queries);
             for (text, vector) in query_texts.iter().zip(&query_vectors) {
                 let started = Instant::now();
-                runtime.block_on(rag.search(name, "bench", vector.clone(), 4, -1.0)).expect("search");
+                runtime.block_on(rag.search(name, "bench", vector.clone(), None, 4, -1.0)).expect("search");
                 search.push(started.elapsed());
                 let started = Instant::now();
                 let ids = frontend.tokenizer.encode(text.as_str(), true).unwrap().get_ids().to_vec();
                 let vector = runtime.block_on(engine.embed(1, vec![ids])).expect("embed").pop().unwrap();
-                runtime.block_on(rag.search(name, "bench", vector, 4, -1.0)).expect("search");
+                runtime.block_on(rag.search(name, "bench", vector, None, 4, -1.0)).expect("search");
                 end_to_end.push(started.elapsed());
             }
             println!(

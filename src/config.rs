@@ -261,6 +261,9 @@ pub struct RagConfig {
     pub rerank_model: Option<String>,
     pub top_k: usize,
     pub min_score: f32,
+    /// Retrieval fuses vector search with the full-text index (BM25) by reciprocal rank;
+    /// false searches by meaning only.
+    pub hybrid: bool,
 }
 
 /// The effective configuration.
@@ -314,6 +317,7 @@ impl Config {
                 rerank_model: None,
                 top_k: 4,
                 min_score: 0.0,
+                hybrid: true,
             },
         }
     }
@@ -499,14 +503,7 @@ const KEYS: &[KeySpec] = &[
         name: "metrics",
         kind: Kind::Bool,
         get: |c| c.metrics.to_string(),
-        set: |c, v| {
-            c.metrics = match v.trim().to_ascii_lowercase().as_str() {
-                "true" | "on" | "yes" | "1" => true,
-                "false" | "off" | "no" | "0" => false,
-                _ => return Err("true or false"),
-            };
-            Ok(())
-        },
+        set: |c, v| Ok(c.metrics = boolean(v)?),
     },
     KeySpec {
         name: "engine.cpu_dtype",
@@ -578,7 +575,21 @@ const KEYS: &[KeySpec] = &[
         get: |c| c.rag.min_score.to_string(),
         set: |c, v| Ok(c.rag.min_score = number(v, |s: &f32| s.is_finite(), "a number such as 0.3")?),
     },
+    KeySpec {
+        name: "rag.hybrid",
+        kind: Kind::Bool,
+        get: |c| c.rag.hybrid.to_string(),
+        set: |c, v| Ok(c.rag.hybrid = boolean(v)?),
+    },
 ];
+
+fn boolean(value: &str) -> Result<bool, &'static str> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "true" | "on" | "yes" | "1" => Ok(true),
+        "false" | "off" | "no" | "0" => Ok(false),
+        _ => Err("true or false"),
+    }
+}
 
 fn parse_duration(value: &str) -> Option<Duration> {
     let value = value.trim();

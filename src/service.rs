@@ -114,11 +114,12 @@ impl Service {
         let top_k = options.top_k.unwrap_or(self.config.rag.top_k).clamp(1, 100);
         let min_score = options.min_score.unwrap_or(self.config.rag.min_score);
         let model = ModelName::parse(&model).map(|n| n.to_string()).unwrap_or(model);
+        let words = options.hybrid.unwrap_or(self.config.rag.hybrid).then_some(question);
         let Some(reranker) = &self.config.rag.rerank_model else {
-            return Ok(index.search(&collection, &model, vector, top_k, min_score).await?);
+            return Ok(index.search(&collection, &model, vector, words, top_k, min_score).await?);
         };
         // A reranker sees more candidates than will be kept, and decides which stay.
-        let candidates = index.search(&collection, &model, vector, (top_k * 4).min(100), min_score).await?;
+        let candidates = index.search(&collection, &model, vector, words, (top_k * 4).min(100), min_score).await?;
         if candidates.is_empty() {
             return Ok(candidates);
         }

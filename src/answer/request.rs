@@ -119,6 +119,8 @@ pub struct RagOptions {
     pub min_score: Option<f32>,
     /// Embedding model (default: the one the collection was built with).
     pub embedding_model: Option<String>,
+    /// Fuse full-text (BM25) with vector search (default: `rag.hybrid`).
+    pub hybrid: Option<bool>,
 }
 
 impl RagOptions {

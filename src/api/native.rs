@@ -220,7 +220,7 @@ pub async fn add_documents(State(state): State<AppState>, ApiJson(request): ApiJ
         },
     };
     let options = IngestOptions { collection: collection.clone(), model, chunk_size: request.chunk_size.unwrap_or(256), overlap: request.overlap.unwrap_or(32) };
-    let documents = request.documents.into_iter().map(|d| Document { source: d.source, text: d.text }).collect();
+    let documents = request.documents.into_iter().map(|d| Document::from_text(d.source, d.text)).collect();
     let (written, unchanged) = crate::rag::ingest::add_documents(rag, &state.service, &options, documents, &()).await.map_err(ingest_error)?;
     Ok(json_response(
         StatusCode::OK,

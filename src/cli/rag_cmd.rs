@@ -34,9 +34,21 @@ impl Progress for Bar {
     fn start(&self, files: usize) {
         if std::io::stderr().is_terminal() {
             let bar = ProgressBar::new(files as u64);
-            bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {wide_msg}").unwrap_or_else(|_| ProgressStyle::default_bar()));
+            // The chunk count goes in the prefix, indicatif's ETA (from the files' rate) in {eta}.
+            let words = t!("rag.progress", chunks = "{prefix}", eta = "{eta}");
+            let template = format!("{{bar:30}} {{pos}}/{{len}} {words}  {{wide_msg}}");
+            bar.set_style(ProgressStyle::with_template(&template).unwrap_or_else(|_| ProgressStyle::default_bar()));
+            bar.set_prefix("0");
             if let Ok(mut slot) = self.0.lock() {
                 *slot = Some(bar);
+            }
+        }
+    }
+
+    fn chunks(&self, embedded: usize) {
+        if let Ok(slot) = self.0.lock() {
+            if let Some(bar) = slot.as_ref() {
+                bar.set_prefix(embedded.to_string());
             }
         }
     }

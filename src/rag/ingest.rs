@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use super::{chunk, quote, ChunkRow, Embedder, EmbedderError, Rag, RagError};
+use super::chunk::{self, Kind};
+use super::{extract, quote, ChunkRow, Embedder, EmbedderError, Rag, RagError};
 use crate::i18n::Msg;
 
 #[derive(Debug, thiserror::Error)]
@@ -61,117 +62,174 @@ pub struct IngestReport {
 /// Progress callbacks for a front end (a progress bar in the CLI).
 pub trait Progress: Send + Sync {
     fn start(&self, _files: usize) {}
+    /// A file is done: indexed, found unchanged, or skipped.
     fn file(&self, _path: &Path) {}
+    /// Chunks embedded so far in this run.
+    fn chunks(&self, _embedded: usize) {}
 }
 
 impl Progress for () {}
-
-/// A document's text, by its file type; None for types that are not read.
-pub fn read_document(path: &Path) -> Option<String> {
-    let extension = path.extension()?.to_string_lossy().to_ascii_lowercase();
-    let bytes = std::fs::read(path).ok()?;
-    let text = String::from_utf8(bytes).ok()?;
-    match extension.as_str() {
-        "txt" | "md" | "markdown" | "rst" | "text" => Some(text),
-        "html" | "htm" => Some(html_to_text(&text)),
-        _ => None,
-    }
-}
-
-/// The visible text of an HTML page (tags, scripts and styles removed).
-pub fn html_to_text(html: &str) -> String {
-    let mut text = String::with_capacity(html.len());
-    let lower = html.to_ascii_lowercase();
-    let mut index = 0;
-    while index < html.len() {
-        if html[index..].starts_with('<') {
-            for hidden in ["<script", "<style"] {
-                if lower[index..].starts_with(hidden) {
-                    let close = format!("</{}", &hidden[1..]);
-                    index = lower[index..].find(&close).map(|end| index + end).unwrap_or(html.len());
-                }
-            }
-            let tag_end = html[index..].find('>').map(|end| index + end + 1).unwrap_or(html.len());
-            let tag = &lower[index..tag_end];
-            if ["<p", "<br", "<div", "<h1", "<h2", "<h3", "<h4", "<li", "</p", "</div", "</h"].iter().any(|t| tag.starts_with(t)) {
-                text.push_str("\n\n");
-            }
-            index = tag_end;
-        } else {
-            let next = html[index..].find('<').map(|n| index + n).unwrap_or(html.len());
-            text.push_str(&html[index..next]);
-            index = next;
-        }
-    }
-    let text = text.replace("&nbsp;", " ").replace("&lt;", "<").replace("&gt;", ">").replace("&quot;", "\"").replace("&#39;", "'").replace("&amp;", "&");
-    let mut collapsed = String::new();
-    for paragraph in text.split("\n\n") {
-        let line = paragraph.split_whitespace().collect::<Vec<_>>().join(" ");
-        if !line.is_empty() {
-            collapsed.push_str(&line);
-            collapsed.push_str("\n\n");
-        }
-    }
-    collapsed.trim_end().to_string()
-}
 
 pub fn content_hash(text: &str) -> String {
     hex::encode(Sha256::digest(text.as_bytes()))
 }
 
-/// A document to add: where it came from and its text.
+/// A document to add: where it came from, its text and how to cut it.
 pub struct Document {
     pub source: String,
     pub text: String,
+    pub kind: Kind,
 }
 
-/// Chunks and embeds documents into a collection, one commit per document. Returns the
-/// chunks written per document (0 for documents already stored unchanged).
+impl Document {
+    /// A document given as text (through the API): cut as its source name's type says,
+    /// prose when the name says nothing.
+    pub fn from_text(source: String, text: String) -> Document {
+        let kind = extract::kind_of(Path::new(&source)).unwrap_or(Kind::Prose);
+        Document { source, text, kind }
+    }
+}
+
+/// Texts per call to the embedder: enough that length-sorted batches pad little.
+const EMBED_BATCH: usize = 128;
+/// A commit is made at this many rows, or this long after the last one (an interrupted run
+/// loses little), and holds whole documents only.
+const COMMIT_ROWS: usize = 2048;
+const COMMIT_EVERY: Duration = Duration::from_secs(2);
+
+/// A document whose chunks are being embedded.
+struct Pending {
+    source: String,
+    hash: String,
+    replaces_older: bool,
+    rows: Vec<ChunkRow>,
+    expected: usize,
+}
+
+/// Chunks and embeds documents into a collection. Documents are cut on a blocking thread
+/// while the embedder works on earlier ones; chunks of several documents share embedding
+/// batches; finished documents are written together, each whole in one commit, and a
+/// changed document's old chunks are removed after its new ones are written (an
+/// interruption leaves it readable). Returns the chunks written per document (0 for
+/// documents already stored unchanged) and how many were unchanged.
 pub async fn add_documents(rag: &Rag, embedder: &dyn Embedder, options: &IngestOptions, documents: Vec<Document>, progress: &dyn Progress) -> Result<(Vec<usize>, usize), IngestError> {
+    let _writer = rag.lock_writer(&options.collection).await?;
+    add_documents_locked(rag, embedder, options, documents, progress).await
+}
+
+async fn add_documents_locked(rag: &Rag, embedder: &dyn Embedder, options: &IngestOptions, documents: Vec<Document>, progress: &dyn Progress) -> Result<(Vec<usize>, usize), IngestError> {
     let model = model_name(&options.model)?;
     let session = embedder.open(&model).await?;
     let dimensions = session.dimensions();
     let table = rag.collection_for(&options.collection, &model, dimensions).await?;
     let stored = Rag::stored_files(&table).await?;
-    let tokenizer = session.tokenizer();
-    let count = |text: &str| tokenizer.encode(text, false).map(|e| e.get_ids().len()).unwrap_or(text.len() / 4);
-    let split_long = |text: &str, size: usize| -> Vec<String> {
-        let Ok(encoding) = tokenizer.encode(text, false) else { return vec![text.to_string()] };
-        let offsets = encoding.get_offsets();
-        offsets.chunks(size).filter_map(|window| Some(text[window.first()?.0..window.last()?.1].to_string())).collect()
-    };
-    let mut written = Vec::with_capacity(documents.len());
+    let mut written = vec![0; documents.len()];
     let mut unchanged = 0;
-    for document in documents {
-        progress.file(Path::new(&document.source));
+    let mut to_index = Vec::new();
+    for (position, document) in documents.into_iter().enumerate() {
         let hash = content_hash(&document.text);
         let hashes_of_source: Vec<&String> = stored.keys().filter(|(s, _)| *s == document.source).map(|(_, h)| h).collect();
-        let have_current = hashes_of_source.iter().any(|h| **h == hash);
-        let have_stale = hashes_of_source.iter().any(|h| **h != hash);
-        if have_current {
-            if have_stale {
+        let replaces_older = hashes_of_source.iter().any(|h| **h != hash);
+        if hashes_of_source.iter().any(|h| **h == hash) {
+            if replaces_older {
                 Rag::delete(&table, &format!("source = {} AND content_hash != {}", quote(&document.source), quote(&hash))).await?;
             }
             unchanged += 1;
-            written.push(0);
+            progress.file(Path::new(&document.source));
             continue;
         }
-        let chunks = chunk::chunk(&document.text, options.chunk_size, options.overlap, &count, &split_long);
-        let mut rows = Vec::with_capacity(chunks.len());
-        for batch in chunks.chunks(32) {
-            let embeddings = session.embed(batch).await?;
-            for (text, vector) in batch.iter().zip(embeddings) {
-                rows.push(ChunkRow { source: document.source.clone(), chunk_index: rows.len() as i32, content_hash: hash.clone(), text: text.clone(), vector });
+        to_index.push((position, document, hash, replaces_older));
+    }
+
+    let tokenizer = session.tokenizer().clone();
+    let (size, overlap) = (options.chunk_size, options.overlap);
+    let (sender, mut receiver) = tokio::sync::mpsc::channel::<(usize, Pending, Vec<String>)>(8);
+    let chunker = tokio::task::spawn_blocking(move || {
+        let count = |text: &str| tokenizer.encode(text, false).map(|e| e.get_ids().len()).unwrap_or(text.len() / 4);
+        let split_long = |text: &str, size: usize| -> Vec<String> {
+            let Ok(encoding) = tokenizer.encode(text, false) else { return vec![text.to_string()] };
+            let offsets = encoding.get_offsets();
+            offsets.chunks(size).filter_map(|window| Some(text[window.first()?.0..window.last()?.1].to_string())).collect()
+        };
+        for (position, document, hash, replaces_older) in to_index {
+            let chunks = chunk::chunk_kind(document.kind, &document.text, size, overlap, &count, &split_long);
+            let pending = Pending { source: document.source, hash, replaces_older, rows: Vec::with_capacity(chunks.len()), expected: chunks.len() };
+            if sender.blocking_send((position, pending, chunks)).is_err() {
+                return;
             }
         }
-        // New chunks first, then the old ones go: an interruption leaves the file readable.
-        Rag::add_chunks(&table, &model, dimensions, &rows).await?;
-        if have_stale {
-            Rag::delete(&table, &format!("source = {} AND content_hash != {}", quote(&document.source), quote(&hash))).await?;
+    });
+
+    let mut documents: HashMap<usize, Pending> = HashMap::new();
+    // Chunks waiting for the embedder: (document position, chunk index, text).
+    let mut queue: std::collections::VecDeque<(usize, usize, String)> = std::collections::VecDeque::new();
+    let mut finished: Vec<(usize, Pending)> = Vec::new();
+    let mut finished_rows = 0;
+    let mut embedded = 0;
+    let mut chunker_done = false;
+    let mut last_commit = Instant::now();
+    loop {
+        // Keep a full batch queued while the chunker has more.
+        while !chunker_done && queue.len() < EMBED_BATCH {
+            let next = if queue.is_empty() { receiver.recv().await } else { receiver.try_recv().ok() };
+            match next {
+                Some((position, pending, chunks)) => {
+                    if chunks.is_empty() {
+                        finished.push((position, pending));
+                    } else {
+                        queue.extend(chunks.into_iter().enumerate().map(|(index, text)| (position, index, text)));
+                        documents.insert(position, pending);
+                    }
+                }
+                None if queue.is_empty() => chunker_done = true,
+                None => break,
+            }
         }
-        written.push(rows.len());
+        if queue.is_empty() {
+            break;
+        }
+        let batch: Vec<(usize, usize, String)> = queue.drain(..queue.len().min(EMBED_BATCH)).collect();
+        let texts: Vec<String> = batch.iter().map(|(_, _, text)| text.clone()).collect();
+        let vectors = session.embed(&texts).await?;
+        embedded += batch.len();
+        progress.chunks(embedded);
+        for ((position, index, text), vector) in batch.into_iter().zip(vectors) {
+            let Some(document) = documents.get_mut(&position) else { continue };
+            document.rows.push(ChunkRow { source: document.source.clone(), chunk_index: index as i32, content_hash: document.hash.clone(), text, vector });
+            if document.rows.len() == document.expected {
+                if let Some(document) = documents.remove(&position) {
+                    finished_rows += document.rows.len();
+                    finished.push((position, document));
+                }
+            }
+        }
+        if finished_rows >= COMMIT_ROWS || (!finished.is_empty() && last_commit.elapsed() >= COMMIT_EVERY) {
+            commit(&table, &model, dimensions, std::mem::take(&mut finished), &mut written, progress).await?;
+            finished_rows = 0;
+            last_commit = Instant::now();
+        }
+    }
+    // The chunker has finished (its channel closed); a panic there is a bug worth reporting.
+    chunker.await.map_err(|error| IngestError::Embedder(Box::new(error)))?;
+    commit(&table, &model, dimensions, finished, &mut written, progress).await?;
+    if written.iter().any(|n| *n > 0) {
+        Rag::index_text(&table).await?;
     }
     Ok((written, unchanged))
+}
+
+/// Writes finished documents in one commit, then removes what their older versions left.
+async fn commit(table: &lancedb::Table, model: &str, dimensions: usize, finished: Vec<(usize, Pending)>, written: &mut [usize], progress: &dyn Progress) -> Result<(), IngestError> {
+    let rows: Vec<ChunkRow> = finished.iter().flat_map(|(_, document)| document.rows.iter().cloned()).collect();
+    Rag::add_chunks(table, model, dimensions, &rows).await?;
+    for (position, document) in finished {
+        if document.replaces_older {
+            Rag::delete(table, &format!("source = {} AND content_hash != {}", quote(&document.source), quote(&document.hash))).await?;
+        }
+        written[position] = document.rows.len();
+        progress.file(Path::new(&document.source));
+    }
+    Ok(())
 }
 
 /// Adds every readable document under `dir` (recursively).
@@ -195,19 +253,24 @@ pub async fn add_folder(rag: &Rag, embedder: &dyn Embedder, dir: &Path, options:
     let mut documents = Vec::new();
     let mut seen = HashSet::new();
     for file in &files {
-        match read_document(file) {
-            Some(text) if !text.trim().is_empty() => {
+        match extract::read(file) {
+            Ok(Some(extracted)) if !extracted.text.trim().is_empty() => {
                 let source = file.display().to_string();
                 seen.insert(source.clone());
-                documents.push(Document { source, text });
+                documents.push(Document { source, text: extracted.text, kind: extracted.kind });
             }
-            _ => {
+            outcome => {
+                if let Err(error) = outcome {
+                    tracing::warn!("skipping {}: {error}", file.display());
+                }
                 progress.file(file);
                 report.skipped += 1;
             }
         }
     }
-    let (written, unchanged) = add_documents(rag, embedder, options, documents, progress).await?;
+    // One lock over adding and removing: another writer sees the folder's state whole.
+    let _writer = rag.lock_writer(&options.collection).await?;
+    let (written, unchanged) = add_documents_locked(rag, embedder, options, documents, progress).await?;
     report.files_unchanged = unchanged;
     report.files_added = written.iter().filter(|n| **n > 0).count();
     report.chunks_added = written.iter().sum();
@@ -224,15 +287,4 @@ pub async fn add_folder(rag: &Rag, embedder: &dyn Embedder, dir: &Path, options:
     report.files_removed = gone.len();
     report.elapsed = started.elapsed();
     Ok(report)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn html_text() {
-        let html = "<html><head><style>p{}</style><script>var x=1;</script></head><body><h1>Title</h1><p>Hello &amp; welcome</p><p>Second</p></body></html>";
-        assert_eq!(html_to_text(html), "Title\n\nHello & welcome\n\nSecond");
-    }
 }

@@ -9,6 +9,7 @@
 //! file is skipped only when its current hash is already stored in full.
 
 pub mod chunk;
+pub mod extract;
 pub mod ingest;
 
 use std::collections::HashMap;
@@ -162,7 +163,41 @@ pub fn quote(value: &str) -> String {
     format!("'{}'", value.replace('\'', "''"))
 }
 
+/// Held while one process writes a collection; released when dropped.
+pub struct WriterLock {
+    _file: Option<std::fs::File>,
+}
+
 impl Rag {
+    /// Waits until no other process (another server, a `rag add-docs`) writes `collection`,
+    /// and keeps it so until the lock is dropped. Readers never wait. Two writers that decide
+    /// what to add from what is stored would otherwise both add the same new file; LanceDB's
+    /// own conflict handling keeps each commit whole but does not see such duplicates.
+    /// Object storage has no file locks: there, writers of one collection must take turns.
+    pub async fn lock_writer(&self, collection: &str) -> Result<WriterLock> {
+        check_collection(collection)?;
+        if self.uri.contains("://") {
+            return Ok(WriterLock { _file: None });
+        }
+        let path = std::path::Path::new(&self.uri).join(format!(".{collection}.write-lock"));
+        let file = tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
+            let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
+            #[cfg(unix)]
+            {
+                use std::os::fd::AsRawFd;
+                // SAFETY: flock on a descriptor this function owns; the lock ends with it.
+                if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(file)
+        })
+        .await
+        .map_err(|e| RagError::Database(e.to_string()))?
+        .map_err(|e| RagError::Database(format!("locking the collection {collection}: {e}")))?;
+        Ok(WriterLock { _file: Some(file) })
+    }
+
     pub async fn open(uri: &str) -> Result<Rag> {
         if !uri.contains("://") {
             std::fs::create_dir_all(uri).map_err(|e| RagError::Database(format!("{uri}: {e}")))?;
@@ -266,47 +301,104 @@ impl Rag {
         Ok(())
     }
 
-    /// The `top_k` chunks most similar to `vector`, at least `min_score` similar.
-    pub async fn search(&self, collection: &str, model: &str, vector: Vec<f32>, top_k: usize, min_score: f32) -> Result<Vec<Source>> {
+    /// The `top_k` chunks that best answer a question, at least `min_score` similar (cosine)
+    /// to its embedding `vector`. With the question's `text`, the search is hybrid: the best
+    /// matches by meaning (vector search) and by words (the full-text index, BM25) are fused
+    /// by reciprocal rank, so a chunk that names the question's rare terms is found even when
+    /// its embedding is not among the nearest. Each source's score is its cosine similarity.
+    pub async fn search(&self, collection: &str, model: &str, vector: Vec<f32>, text: Option<&str>, top_k: usize, min_score: f32) -> Result<Vec<Source>> {
         let table = self.table(collection).await?.ok_or_else(|| RagError::NoCollection { name: collection.into() })?;
         let (built_with, dimension) = Self::binding(&table).await?;
         if built_with != model || dimension != vector.len() {
             return Err(RagError::ModelMismatch { collection: collection.into(), built_with, requested: model.into() });
         }
+        let top_k = top_k.max(1);
+        // Each list offers more than will be kept, so the fusion has something to choose from.
+        let pool = if text.is_some() { (top_k * 4).max(20) } else { top_k };
         let batches: Vec<RecordBatch> = table
-            .vector_search(vector)?
+            .vector_search(vector.clone())?
             .distance_type(DistanceType::Cosine)
             .select(Select::columns(&["source", "chunk_index", "text", "_distance"]))
-            .limit(top_k.max(1))
+            .limit(pool)
             .execute()
             .await?
             .try_collect()
             .await?;
-        let mut sources = Vec::new();
-        for batch in batches {
-            let source = string_column(&batch, "source")?;
-            let text = string_column(&batch, "text")?;
-            let index = batch
-                .column_by_name("chunk_index")
-                .and_then(|c| c.as_any().downcast_ref::<Int32Array>())
-                .ok_or_else(|| RagError::Database("chunk_index column missing".into()))?;
-            let distance = batch
-                .column_by_name("_distance")
-                .and_then(|c| c.as_any().downcast_ref::<Float32Array>())
-                .ok_or_else(|| RagError::Database("_distance column missing".into()))?;
-            for row in 0..batch.num_rows() {
-                let score = 1.0 - distance.value(row);
-                if score >= min_score {
-                    sources.push(Source { index: 0, source: source.value(row).to_string(), chunk_index: index.value(row), score, text: text.value(row).to_string() });
-                }
+        let mut by_meaning = Vec::new();
+        for batch in &batches {
+            let distance = float_column(batch, "_distance")?;
+            for (row, mut hit) in hits(batch)?.into_iter().enumerate() {
+                hit.score = 1.0 - distance.value(row);
+                by_meaning.push((hit.score, hit));
             }
         }
-        sources.sort_by(|a, b| b.score.total_cmp(&a.score));
-        sources.truncate(top_k);
-        for (i, source) in sources.iter_mut().enumerate() {
-            source.index = i + 1;
+        by_meaning.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let mut fused: Vec<(f32, Source)> = match text.map(str::trim).filter(|t| !t.is_empty()) {
+            None => by_meaning,
+            Some(text) => {
+                let by_words = self.words_search(&table, text, &vector, pool).await?;
+                reciprocal_rank_fusion(&[by_meaning, by_words])
+            }
+        };
+        fused.retain(|(_, source)| source.score >= min_score);
+        fused.truncate(top_k);
+        Ok(fused
+            .into_iter()
+            .enumerate()
+            .map(|(position, (_, source))| Source { index: position + 1, ..source })
+            .collect())
+    }
+
+    /// The best `limit` matches of `text` in the full-text index, each with its cosine
+    /// similarity to `vector`. A collection without the index (built before it existed)
+    /// gets it now.
+    async fn words_search(&self, table: &Table, text: &str, vector: &[f32], limit: usize) -> Result<Vec<(f32, Source)>> {
+        use lancedb::index::scalar::FullTextSearchQuery;
+        if !Self::has_text_index(table).await? {
+            Self::index_text(table).await?;
         }
-        Ok(sources)
+        let batches: Vec<RecordBatch> = table
+            .query()
+            .full_text_search(FullTextSearchQuery::new(text.to_string()))
+            .select(Select::columns(&["source", "chunk_index", "text", "vector", "_score"]))
+            .limit(limit)
+            .execute()
+            .await?
+            .try_collect()
+            .await?;
+        let query_norm = vector.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+        let mut out = Vec::new();
+        for batch in &batches {
+            let vectors = batch
+                .column_by_name("vector")
+                .and_then(|c| c.as_any().downcast_ref::<FixedSizeListArray>())
+                .ok_or_else(|| RagError::Database("vector column missing".into()))?;
+            for (row, mut hit) in hits(batch)?.into_iter().enumerate() {
+                let stored = vectors.value(row);
+                let stored = stored.as_any().downcast_ref::<Float32Array>().ok_or_else(|| RagError::Database("vector values".into()))?;
+                let (dot, norm) = stored.values().iter().zip(vector).fold((0.0f32, 0.0f32), |(dot, norm), (s, q)| (dot + s * q, norm + s * s));
+                hit.score = dot / (norm.sqrt().max(1e-12) * query_norm);
+                out.push((hit.score, hit));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn has_text_index(table: &Table) -> Result<bool> {
+        Ok(table.list_indices().await?.iter().any(|index| index.columns.iter().any(|c| c == "text") && matches!(index.index_type, lancedb::index::IndexType::FTS)))
+    }
+
+    /// Brings the full-text index of the chunks' text up to date: built the first time, then
+    /// extended with the rows written since (ingestion calls it after writing).
+    pub async fn index_text(table: &Table) -> Result<()> {
+        use lancedb::index::{scalar::FtsIndexBuilder, Index};
+        use lancedb::table::{OptimizeAction, OptimizeOptions};
+        if Self::has_text_index(table).await? {
+            table.optimize(OptimizeAction::Index(OptimizeOptions::default())).await?;
+        } else {
+            table.create_index(&["text"], Index::FTS(FtsIndexBuilder::default())).replace(true).execute().await?;
+        }
+        Ok(())
     }
 
     pub async fn status(&self) -> Result<Vec<CollectionStatus>> {
@@ -325,7 +417,7 @@ impl Rag {
 
     /// Deletes a collection; returns whether it existed.
     pub async fn clear(&self, collection: &str) -> Result<bool> {
-        check_collection(collection)?;
+        let _writer = self.lock_writer(collection).await?;
         if !self.collections().await?.iter().any(|n| n == collection) {
             return Ok(false);
         }
@@ -356,6 +448,48 @@ impl Rag {
         rows.sort();
         Ok(rows)
     }
+}
+
+/// Merges ranked lists by reciprocal rank (each list adds 1 / (60 + rank) for a chunk, as
+/// in Cormack et al.'s RRF); the chunk keeps its entry from the first list that has it.
+fn reciprocal_rank_fusion(lists: &[Vec<(f32, Source)>]) -> Vec<(f32, Source)> {
+    const K: f32 = 60.0;
+    let mut fused: Vec<(f32, Source)> = Vec::new();
+    let mut position: HashMap<(String, i32), usize> = HashMap::new();
+    for list in lists {
+        for (rank, (_, source)) in list.iter().enumerate() {
+            let gain = 1.0 / (K + rank as f32 + 1.0);
+            match position.get(&(source.source.clone(), source.chunk_index)) {
+                Some(&at) => fused[at].0 += gain,
+                None => {
+                    position.insert((source.source.clone(), source.chunk_index), fused.len());
+                    fused.push((gain, source.clone()));
+                }
+            }
+        }
+    }
+    fused.sort_by(|a, b| b.0.total_cmp(&a.0));
+    fused
+}
+
+/// The (source, chunk_index, text) of each row of a search result, score 0.
+fn hits(batch: &RecordBatch) -> Result<Vec<Source>> {
+    let source = string_column(batch, "source")?;
+    let text = string_column(batch, "text")?;
+    let index = batch
+        .column_by_name("chunk_index")
+        .and_then(|c| c.as_any().downcast_ref::<Int32Array>())
+        .ok_or_else(|| RagError::Database("chunk_index column missing".into()))?;
+    Ok((0..batch.num_rows())
+        .map(|row| Source { index: 0, source: source.value(row).to_string(), chunk_index: index.value(row), score: 0.0, text: text.value(row).to_string() })
+        .collect())
+}
+
+fn float_column<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a Float32Array> {
+    batch
+        .column_by_name(name)
+        .and_then(|c| c.as_any().downcast_ref::<Float32Array>())
+        .ok_or_else(|| RagError::Database(format!("{name} column missing")))
 }
 
 fn string_column<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a StringArray> {
@@ -393,6 +527,19 @@ mod tests {
         for bad in ["", "../x", "a b", "x;drop", "-x"] {
             assert!(check_collection(bad).is_err(), "{bad}");
         }
+    }
+
+    fn source(name: &str, score: f32) -> (f32, Source) {
+        (score, Source { index: 0, source: name.into(), chunk_index: 0, score, text: String::new() })
+    }
+
+    #[test]
+    fn fusion_prefers_chunks_both_lists_rank_well() {
+        let meaning = vec![source("a", 0.9), source("b", 0.8), source("c", 0.7)];
+        let words = vec![source("c", 0.7), source("d", 0.2), source("a", 0.9)];
+        let fused: Vec<String> = reciprocal_rank_fusion(&[meaning, words]).into_iter().map(|(_, s)| s.source).collect();
+        // a: 1/61 + 1/63, c: 1/63 + 1/61 (tie, a first by arrival), b: 1/62, d: 1/62.
+        assert_eq!(fused, ["a", "c", "b", "d"]);
     }
 
     #[test]
