@@ -1,9 +1,11 @@
-//! RAG benchmark: chunks embedded per second with all-MiniLM-L6-v2 on the engine, and query
-//! latency (p50/p99) of LanceDB vector search at 1k and 100k chunks, flat and with an IVF-PQ
-//! index. The 100k table reuses the 1k real embeddings with small noise added (embedding
-//! 100k chunks on 2 CPU cores would take most of an hour). Prints JSON lines.
+//! RAG benchmark: chunks embedded per second with all-MiniLM-L6-v2 on the engine; then per
+//! table size (1k real chunks, and synthetic large tables that reuse the real embeddings with
+//! small noise): write throughput, the time ingestion spends on indices (full-text, and IVF-PQ
+//! from `VECTOR_INDEX_MIN_ROWS` on), vector search p50/p99 with recall@10 against exact
+//! search, hybrid (vector + full-text) search p50/p99, and embed-the-question + hybrid
+//! search. Prints JSON lines.
 //!
-//! usage: rag_bench MINILM_FOLDER [--chunks 1000] [--large 100000] [--queries 200]
+//! usage: rag_bench MINILM_FOLDER [--chunks 1000] [--large 100000,1000000] [--queries 200]
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -36,7 +38,13 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let model = PathBuf::from(args.get(1).expect("usage: rag_bench MINILM_FOLDER"));
     let chunks = arg(&args, "--chunks", 1000);
-    let large = arg(&args, "--large", 100_000);
+    // Sizes of the synthetic tables, e.g. --large 100000,1000000.
+    let large: Vec<usize> = args
+        .iter()
+        .position(|a| a == "--large")
+        .and_then(|i| args.get(i + 1))
+        .map(|v| v.split(',').filter_map(|n| n.parse().ok()).collect())
+        .unwrap_or_else(|| vec![100_000]);
     let queries = arg(&args, "--queries", 200);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     let engine = Engine::start(EngineConfig { cpu_dtype: Default::default(), prefill_chunk: 512, max_batch: 16, prefix_cache_bytes: 0, ..Default::default() });
@@ -61,9 +69,13 @@ fn main() {
         .expect("embed queries");
     let dir = tempfile::tempdir().expect("temp dir");
     let rag = runtime.block_on(Rag::open(dir.path().to_str().unwrap())).expect("open");
-    for (name, size) in [("small", chunks), ("large", large)] {
+    let mut tables = vec![("small".to_string(), chunks)];
+    tables.extend(large.iter().filter(|n| **n > 0).map(|n| (format!("large{n}"), *n)));
+    for (name, size) in tables {
+        let name = name.as_str();
         let table = runtime.block_on(rag.collection_for(name, "bench", 384)).expect("table");
         let mut written = 0;
+        let started = Instant::now();
         while written < size {
             let rows: Vec<ChunkRow> = (written..(written + 5000).min(size))
                 .map(|i| {
@@ -76,38 +88,68 @@ fn main() {
             written += rows.len();
             runtime.block_on(Rag::add_chunks(&table, "bench", 384, &rows)).expect("add");
         }
-        for indexed in [false, true] {
-            if indexed {
-                if size < 10_000 {
-                    continue;
+        let write_seconds = started.elapsed().as_secs_f64();
+        // What ingestion does after writing: the full-text index, and IVF-PQ from
+        // VECTOR_INDEX_MIN_ROWS chunks on.
+        let started = Instant::now();
+        runtime.block_on(Rag::refresh_indices(&table)).expect("indices");
+        let index_seconds = started.elapsed().as_secs_f64();
+        let indexed = size >= mlxserver::rag::VECTOR_INDEX_MIN_ROWS;
+        println!("{}", serde_json::json!({"bench": "ingest", "chunks": size, "rows_per_s": size as f64 / write_seconds, "index_seconds": index_seconds, "vector_index": if indexed { "ivf_pq" } else { "none (flat)" }}));
+        let mut search = Vec::with_capacity(queries);
+        let mut hybrid = Vec::with_capacity(queries);
+        let mut end_to_end = Vec::with_capacity(queries);
+        let mut recall = 0.0;
+        for (text, vector) in query_texts.iter().zip(&query_vectors) {
+            let started = Instant::now();
+            let found = runtime.block_on(rag.search(name, "bench", vector.clone(), None, 10, -1.0)).expect("search");
+            search.push(started.elapsed());
+            // Recall@10 against exact (flat) search.
+            let exact: Vec<arrow_array::RecordBatch> = runtime.block_on(async {
+                use futures::TryStreamExt;
+                use lancedb::query::{ExecutableQuery, QueryBase};
+                table
+                    .vector_search(vector.clone())
+                    .unwrap()
+                    .distance_type(lancedb::DistanceType::Cosine)
+                    .bypass_vector_index()
+                    .select(lancedb::query::Select::columns(&["source", "chunk_index"]))
+                    .limit(10)
+                    .execute()
+                    .await
+                    .unwrap()
+                    .try_collect()
+                    .await
+                    .unwrap()
+            });
+            let mut truth = std::collections::HashSet::new();
+            for batch in &exact {
+                let sources = batch.column_by_name("source").unwrap().as_any().downcast_ref::<arrow_array::StringArray>().unwrap();
+                let indices = batch.column_by_name("chunk_index").unwrap().as_any().downcast_ref::<arrow_array::Int32Array>().unwrap();
+                for row in 0..batch.num_rows() {
+                    truth.insert((sources.value(row).to_string(), indices.value(row)));
                 }
-                let started = Instant::now();
-                runtime
-                    .block_on(table.create_index(&["vector"], lancedb::index::Index::Auto).execute())
-                    .expect("index");
-                println!("{}", serde_json::json!({"bench": "index", "chunks": size, "seconds": started.elapsed().as_secs_f64()}));
             }
-            let mut search = Vec::with_capacity(queries);
-            let mut end_to_end = Vec::with_capacity(queries);
-            for (text, vector) in query_texts.iter().zip(&query_vectors) {
-                let started = Instant::now();
-                runtime.block_on(rag.search(name, "bench", vector.clone(), None, 4, -1.0)).expect("search");
-                search.push(started.elapsed());
-                let started = Instant::now();
-                let ids = frontend.tokenizer.encode(text.as_str(), true).unwrap().get_ids().to_vec();
-                let vector = runtime.block_on(engine.embed(1, vec![ids])).expect("embed").pop().unwrap();
-                runtime.block_on(rag.search(name, "bench", vector, None, 4, -1.0)).expect("search");
-                end_to_end.push(started.elapsed());
-            }
-            println!(
-                "{}",
-                serde_json::json!({
-                    "bench": "query", "chunks": size, "index": if indexed { "ivf_pq (auto)" } else { "none (flat)" },
-                    "search_p50_ms": percentile(&mut search, 0.5), "search_p99_ms": percentile(&mut search, 0.99),
-                    "embed_and_search_p50_ms": percentile(&mut end_to_end, 0.5), "embed_and_search_p99_ms": percentile(&mut end_to_end, 0.99),
-                })
-            );
+            recall += found.iter().filter(|s| truth.contains(&(s.source.clone(), s.chunk_index))).count() as f64 / truth.len().max(1) as f64;
+            let started = Instant::now();
+            runtime.block_on(rag.search(name, "bench", vector.clone(), Some(text), 4, -1.0)).expect("hybrid search");
+            hybrid.push(started.elapsed());
+            let started = Instant::now();
+            let ids = frontend.tokenizer.encode(text.as_str(), true).unwrap().get_ids().to_vec();
+            let vector = runtime.block_on(engine.embed(1, vec![ids])).expect("embed").pop().unwrap();
+            runtime.block_on(rag.search(name, "bench", vector, Some(text), 4, -1.0)).expect("search");
+            end_to_end.push(started.elapsed());
         }
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": "query", "chunks": size, "index": if indexed { "ivf_pq" } else { "none (flat)" },
+                "vector_p50_ms": percentile(&mut search, 0.5), "vector_p99_ms": percentile(&mut search, 0.99),
+                "recall_at_10": recall / queries as f64,
+                "hybrid_p50_ms": percentile(&mut hybrid, 0.5), "hybrid_p99_ms": percentile(&mut hybrid, 0.99),
+                "embed_and_hybrid_p50_ms": percentile(&mut end_to_end, 0.5), "embed_and_hybrid_p99_ms": percentile(&mut end_to_end, 0.99),
+            })
+        );
     }
     engine.shutdown();
 }

@@ -213,7 +213,7 @@ async fn add_documents_locked(rag: &Rag, embedder: &dyn Embedder, options: &Inge
     chunker.await.map_err(|error| IngestError::Embedder(Box::new(error)))?;
     commit(&table, &model, dimensions, finished, &mut written, progress).await?;
     if written.iter().any(|n| *n > 0) {
-        Rag::index_text(&table).await?;
+        Rag::refresh_indices(&table).await?;
     }
     Ok((written, unchanged))
 }
