@@ -56,6 +56,12 @@ pub struct MessagesRequest {
     pub thinking: Option<Value>,
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<Value>,
+    /// mlxserver's extension: `true` or `{"collection", "top_k", "min_score",
+    /// "embedding_model", "hybrid"}` answers from indexed documents; the chunks used come back
+    /// in `rag.sources` (file, chunk position, score) of the message (`message_start` when
+    /// streaming).
+    #[schema(value_type = Option<Object>)]
+    pub rag: Option<Value>,
 }
 
 /// `count_tokens` takes the prompt part of a Messages request.
@@ -247,6 +253,7 @@ pub async fn messages(State(state): State<AppState>, ApiJson(request): ApiJson<M
             tools: tool_specs(&request.tools)?,
             tool_choice: tool_choice(&request.tool_choice)?,
             think,
+            rag: super::rag_options(&request.rag)?,
             ..Default::default()
         })
         .await?;
@@ -255,6 +262,7 @@ pub async fn messages(State(state): State<AppState>, ApiJson(request): ApiJson<M
         let stream = message_stream(answer, id, request.model);
         return Ok(Sse::new(futures::StreamExt::map(stream, Ok::<_, Infallible>)).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)).event(Event::default().event("ping").data(r#"{"type": "ping"}"#))).into_response());
     }
+    let answer_sources = answer.sources.clone();
     let collected = answer.collect().await?;
     let mut content = Vec::new();
     if !collected.reasoning.is_empty() {
@@ -274,6 +282,10 @@ pub async fn messages(State(state): State<AppState>, ApiJson(request): ApiJson<M
         "stop_sequence": collected.finish.stop_sequence,
         "usage": usage(&collected.finish),
     });
+    let mut body = body;
+    if let Some(sources) = &answer_sources {
+        body["rag"] = json!({ "sources": sources });
+    }
     Ok(json_response(StatusCode::OK, &body))
 }
 
@@ -293,11 +305,15 @@ enum Block {
 fn message_stream(mut answer: Answer, id: String, model: String) -> impl Stream<Item = Event> + Send + 'static {
     async_stream::stream! {
         let input_tokens = answer.prompt_tokens.len();
-        yield event(json!({
+        let mut start = json!({
             "type": "message_start",
             "message": {"id": id, "type": "message", "role": "assistant", "model": model, "content": [], "stop_reason": null, "stop_sequence": null,
                         "usage": {"input_tokens": input_tokens, "output_tokens": 0}},
-        }));
+        });
+        if let Some(sources) = &answer.sources {
+            start["message"]["rag"] = json!({ "sources": sources });
+        }
+        yield event(start);
         let mut open = Block::None;
         let mut index = 0usize;
         let mut blocks = 0usize;

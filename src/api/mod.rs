@@ -366,6 +366,12 @@ pub async fn version() -> axum::Json<Version> {
     axum::Json(Version { version: env!("CARGO_PKG_VERSION") })
 }
 
+/// The `rag` field of a request, read the same way by every API family: `true`, an object of
+/// options, or `false`/absent for none.
+pub(crate) fn rag_options(value: &Option<serde_json::Value>) -> Result<Option<crate::answer::RagOptions>, error::ApiError> {
+    Ok(value.as_ref().map(crate::answer::RagOptions::from_value).transpose().map_err(|e| error::ApiError::invalid_param("rag", e))?.flatten())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -391,3 +397,4 @@ mod tests {
         assert!(!is_public("/docsx"));
     }
 }
+

@@ -20,7 +20,7 @@ use crate::answer::{self, Answer, AnswerEvent, ApiFamily, Finish, FinishReason, 
 use crate::config::KeepAlive;
 use crate::engine::tools::{ToolCall, ToolChoice, ToolSpec};
 use crate::engine::ModelKind;
-use crate::service::{self, ChatMessage, Options as ServiceOptions, OutputFormat, RagOptions};
+use crate::service::{self, ChatMessage, Options as ServiceOptions, OutputFormat};
 use crate::store::{self, Entry};
 
 pub fn router() -> Router<AppState> {
@@ -160,7 +160,7 @@ pub async fn generate(State(state): State<AppState>, ApiJson(request): ApiJson<G
         };
         return Ok(json_response(StatusCode::OK, &response));
     }
-    let rag = rag_options(&request.rag)?;
+    let rag = super::rag_options(&request.rag)?;
     if rag.is_some() && request.raw.unwrap_or(false) {
         return Err(ApiError::invalid_param("rag", "rag cannot be combined with raw"));
     }
@@ -214,12 +214,6 @@ pub async fn generate(State(state): State<AppState>, ApiJson(request): ApiJson<G
         rag,
     };
     Ok(json_response(StatusCode::OK, &response))
-}
-
-/// Ollama's `rag` field, read the same way on every route: `true`, an object of options, or
-/// `false`/absent for none.
-fn rag_options(value: &Option<serde_json::Value>) -> Result<Option<RagOptions>, ApiError> {
-    Ok(value.as_ref().map(RagOptions::from_value).transpose().map_err(|e| ApiError::invalid_param("rag", e))?.flatten())
 }
 
 fn logprobs_of(collected: &[crate::answer::Logprob]) -> Option<Vec<Logprob>> {
@@ -340,7 +334,7 @@ pub async fn chat(State(state): State<AppState>, ApiJson(request): ApiJson<ChatR
         };
         return Ok(json_response(StatusCode::OK, &response));
     }
-    let rag = rag_options(&request.rag)?;
+    let rag = super::rag_options(&request.rag)?;
     let answer = state
         .backend
         .chat(service::ChatRequest { model: request.model.clone(), messages, options, keep_alive, rag, tools, tool_choice: ToolChoice::Auto, think: request.think })

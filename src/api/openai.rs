@@ -38,7 +38,7 @@ use super::error::{check_range, json_response, stream_error, ApiError, ApiJson, 
 use super::AppState;
 use crate::answer::{
     Answer, AnswerEvent, ApiFamily, ChatMessage, ChatRequest, CompletionRequest, EmbedRequest, FinishReason, Logprob, Options, OutputFormat,
-    RagOptions, ServiceError, Usage,
+    ServiceError, Usage,
 };
 use crate::engine::tools::{ToolCall, ToolChoice, ToolSpec};
 use crate::store::{Entry, Parameters};
@@ -302,7 +302,7 @@ pub async fn chat_completions(State(state): State<AppState>, ApiJson(body): ApiJ
     let keep_alive = body.keep_alive.as_ref().map(|k| k.parse().map_err(|e| ApiError::invalid_param("keep_alive", e))).transpose()?;
     let stream = request.stream.unwrap_or(false);
     let include_usage = request.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
-    let rag = body.rag.as_ref().map(RagOptions::from_value).transpose().map_err(|e| ApiError::invalid_param("rag", e))?.flatten();
+    let rag = super::rag_options(&body.rag)?;
     let answer = state
         .backend
         .chat(ChatRequest { model: request.model.clone(), messages, options, keep_alive, rag, tools, tool_choice, think: None })

@@ -112,6 +112,11 @@ pub struct CreateResponseRequest {
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<Value>,
     pub seed: Option<u64>,
+    /// mlxserver's extension: `true` or `{"collection", "top_k", "min_score",
+    /// "embedding_model", "hybrid"}` answers from indexed documents; the chunks used come back
+    /// in the response's `rag.sources` (file, chunk position, score).
+    #[schema(value_type = Option<Object>)]
+    pub rag: Option<Value>,
 }
 
 fn new_id(prefix: &str) -> String {
@@ -236,12 +241,14 @@ struct Echo {
     created_at: u64,
     model: String,
     request: Value,
+    /// `{"sources": [...]}` when the request asked for retrieval.
+    sources: Option<Value>,
 }
 
 impl Echo {
     fn body(&self, status: &str, output: Vec<Value>, usage: Option<Value>, incomplete: bool) -> Value {
         let request = &self.request;
-        json!({
+        let mut body = json!({
             "id": self.id,
             "object": "response",
             "created_at": self.created_at,
@@ -263,7 +270,11 @@ impl Echo {
             "metadata": if request["metadata"].is_object() { request["metadata"].clone() } else { json!({}) },
             "truncation": "disabled",
             "usage": usage,
-        })
+        });
+        if let Some(sources) = &self.sources {
+            body["rag"] = sources.clone();
+        }
+        body
     }
 }
 
@@ -333,10 +344,12 @@ pub async fn create(State(state): State<AppState>, ApiJson(raw): ApiJson<Value>)
             options,
             tools: tool_specs(&request.tools)?,
             tool_choice: tool_choice(&request.tool_choice)?,
+            rag: super::rag_options(&request.rag)?,
             ..Default::default()
         })
         .await?;
-    let echo = Echo { id: new_id("resp_"), created_at: answer.created.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0), model: request.model.clone(), request: raw };
+    let sources = answer.sources.as_ref().map(|sources| json!({ "sources": sources }));
+    let echo = Echo { id: new_id("resp_"), created_at: answer.created.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0), model: request.model.clone(), request: raw, sources };
     let store = request.store.unwrap_or(true).then(|| state.responses.clone());
     if request.stream.unwrap_or(false) {
         let stream = response_stream(answer, echo, conversation, store);

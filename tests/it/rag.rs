@@ -127,6 +127,42 @@ async fn documents_are_indexed_retrieved_and_cited() {
         .unwrap();
     assert!(native["sources"][0]["source"].as_str().unwrap().ends_with("train.rst"), "{native}");
 
+    // Anthropic's Messages and OpenAI's Responses carry the sources too, streamed or not.
+    let client = reqwest::Client::new();
+    let messages: Value = client
+        .post(server.url("/v1/messages"))
+        .json(&json!({"model": CHAT, "max_tokens": 8, "messages": [{"role": "user", "content": "How often does the comet Vashti return?"}], "rag": {"top_k": 1}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(messages["rag"]["sources"][0]["source"].as_str().unwrap().ends_with("comet.pdf"), "{messages}");
+    assert_eq!(messages["rag"]["sources"][0]["chunk_index"], 0);
+    let streamed = client
+        .post(server.url("/v1/messages"))
+        .json(&json!({"model": CHAT, "max_tokens": 8, "stream": true, "messages": [{"role": "user", "content": "What grows in the rooftop garden of the Kestrel Hotel?"}], "rag": {"top_k": 1}}))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let message_start: Value = streamed.lines().find_map(|l| l.strip_prefix("data: ")).map(|d| serde_json::from_str(d).unwrap()).unwrap();
+    assert!(message_start["message"]["rag"]["sources"][0]["source"].as_str().unwrap().ends_with("garden.docx"), "{message_start}");
+    let response: Value = client
+        .post(server.url("/v1/responses"))
+        .json(&json!({"model": CHAT, "max_output_tokens": 8, "input": "Who is the lighthouse keeper of Greyhaven?", "rag": {"top_k": 1}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(response["rag"]["sources"][0]["source"].as_str().unwrap().ends_with("harbor.txt"), "{response}");
+    assert!(response["rag"]["sources"][0]["score"].as_f64().unwrap() > 0.0);
+
     // The management API.
     let added: Value = reqwest::Client::new()
         .post(server.url("/api/rag/documents"))
