@@ -272,7 +272,7 @@ pub async fn messages(State(state): State<AppState>, ApiJson(request): ApiJson<M
         content.push(json!({"type": "text", "text": collected.text}));
     }
     content.extend(collected.tool_calls.iter().map(tool_use_block));
-    let body = json!({
+    let mut body = json!({
         "id": id,
         "type": "message",
         "role": "assistant",
@@ -282,7 +282,6 @@ pub async fn messages(State(state): State<AppState>, ApiJson(request): ApiJson<M
         "stop_sequence": collected.finish.stop_sequence,
         "usage": usage(&collected.finish),
     });
-    let mut body = body;
     if let Some(sources) = &answer_sources {
         body["rag"] = json!({ "sources": sources });
     }

@@ -132,7 +132,7 @@ async fn add_documents_locked(rag: &Rag, embedder: &dyn Embedder, options: &Inge
         let replaces_older = hashes_of_source.iter().any(|h| **h != hash);
         if hashes_of_source.iter().any(|h| **h == hash) {
             if replaces_older {
-                Rag::delete(&table, &format!("source = {} AND content_hash != {}", quote(&document.source), quote(&hash))).await?;
+                Rag::delete_older_versions(&table, &document.source, &hash).await?;
             }
             unchanged += 1;
             progress.file(Path::new(&document.source));
@@ -164,7 +164,6 @@ async fn add_documents_locked(rag: &Rag, embedder: &dyn Embedder, options: &Inge
     // Chunks waiting for the embedder: (document position, chunk index, text).
     let mut queue: std::collections::VecDeque<(usize, usize, String)> = std::collections::VecDeque::new();
     let mut finished: Vec<(usize, Pending)> = Vec::new();
-    let mut finished_rows = 0;
     let mut embedded = 0;
     let mut chunker_done = false;
     let mut last_commit = Instant::now();
@@ -188,24 +187,22 @@ async fn add_documents_locked(rag: &Rag, embedder: &dyn Embedder, options: &Inge
         if queue.is_empty() {
             break;
         }
-        let batch: Vec<(usize, usize, String)> = queue.drain(..queue.len().min(EMBED_BATCH)).collect();
-        let texts: Vec<String> = batch.iter().map(|(_, _, text)| text.clone()).collect();
+        let (places, texts): (Vec<(usize, usize)>, Vec<String>) = queue.drain(..queue.len().min(EMBED_BATCH)).map(|(position, index, text)| ((position, index), text)).unzip();
         let vectors = session.embed(&texts).await?;
-        embedded += batch.len();
+        embedded += texts.len();
         progress.chunks(embedded);
-        for ((position, index, text), vector) in batch.into_iter().zip(vectors) {
+        for (((position, index), text), vector) in places.into_iter().zip(texts).zip(vectors) {
             let Some(document) = documents.get_mut(&position) else { continue };
             document.rows.push(ChunkRow { source: document.source.clone(), chunk_index: index as i32, content_hash: document.hash.clone(), text, vector });
             if document.rows.len() == document.expected {
                 if let Some(document) = documents.remove(&position) {
-                    finished_rows += document.rows.len();
                     finished.push((position, document));
                 }
             }
         }
+        let finished_rows: usize = finished.iter().map(|(_, document)| document.rows.len()).sum();
         if finished_rows >= COMMIT_ROWS || (!finished.is_empty() && last_commit.elapsed() >= COMMIT_EVERY) {
             commit(&table, &model, dimensions, std::mem::take(&mut finished), &mut written, progress).await?;
-            finished_rows = 0;
             last_commit = Instant::now();
         }
     }
@@ -224,7 +221,7 @@ async fn commit(table: &lancedb::Table, model: &str, dimensions: usize, finished
     Rag::add_chunks(table, model, dimensions, &rows).await?;
     for (position, document) in finished {
         if document.replaces_older {
-            Rag::delete(table, &format!("source = {} AND content_hash != {}", quote(&document.source), quote(&document.hash))).await?;
+            Rag::delete_older_versions(table, &document.source, &document.hash).await?;
         }
         written[position] = document.rows.len();
         progress.file(Path::new(&document.source));

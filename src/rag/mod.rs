@@ -165,6 +165,14 @@ pub fn quote(value: &str) -> String {
     format!("'{}'", value.replace('\'', "''"))
 }
 
+/// The indices a collection has, of those ingestion keeps.
+struct Indexed {
+    /// A full-text index on `text`.
+    text: bool,
+    /// Any index on `vector`.
+    vector: bool,
+}
+
 /// Held while one process writes a collection; released when dropped.
 pub struct WriterLock {
     _file: Option<std::fs::File>,
@@ -357,21 +365,18 @@ impl Rag {
 
     /// The best `limit` matches of `text` in the full-text index, each with its cosine
     /// similarity to `vector`. A collection without the index (built before it existed)
-    /// gets it now.
+    /// gets it when its search fails for want of it; the common path asks nothing extra.
     async fn words_search(&self, table: &Table, text: &str, vector: &[f32], limit: usize) -> Result<Vec<(f32, Source)>> {
-        use lancedb::index::scalar::FullTextSearchQuery;
-        if !Self::has_text_index(table).await? {
-            Self::refresh_indices(table).await?;
-        }
-        let batches: Vec<RecordBatch> = table
-            .query()
-            .full_text_search(FullTextSearchQuery::new(text.to_string()))
-            .select(Select::columns(&["source", "chunk_index", "text", "vector", "_score"]))
-            .limit(limit)
-            .execute()
-            .await?
-            .try_collect()
-            .await?;
+        let batches = match Self::full_text_query(table, text, limit).await {
+            Ok(batches) => batches,
+            Err(error) => {
+                if Self::indexed(table).await?.text {
+                    return Err(error);
+                }
+                Self::refresh_indices(table).await?;
+                Self::full_text_query(table, text, limit).await?
+            }
+        };
         let query_norm = vector.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
         let mut out = Vec::new();
         for batch in &batches {
@@ -390,8 +395,27 @@ impl Rag {
         Ok(out)
     }
 
-    async fn has_text_index(table: &Table) -> Result<bool> {
-        Ok(table.list_indices().await?.iter().any(|index| index.columns.iter().any(|c| c == "text") && matches!(index.index_type, lancedb::index::IndexType::FTS)))
+    async fn full_text_query(table: &Table, text: &str, limit: usize) -> Result<Vec<RecordBatch>> {
+        use lancedb::index::scalar::FullTextSearchQuery;
+        Ok(table
+            .query()
+            .full_text_search(FullTextSearchQuery::new(text.to_string()))
+            .select(Select::columns(&["source", "chunk_index", "text", "vector", "_score"]))
+            .limit(limit)
+            .execute()
+            .await?
+            .try_collect()
+            .await?)
+    }
+
+    /// Which of the indices ingestion keeps a collection has.
+    async fn indexed(table: &Table) -> Result<Indexed> {
+        let indices = table.list_indices().await?;
+        let on = |index: &lancedb::index::IndexConfig, column: &str| index.columns.iter().any(|c| c == column);
+        Ok(Indexed {
+            text: indices.iter().any(|index| on(index, "text") && matches!(index.index_type, lancedb::index::IndexType::FTS)),
+            vector: indices.iter().any(|index| on(index, "vector")),
+        })
     }
 
     /// Brings a collection's indices up to date after writes: the full-text index of the
@@ -402,22 +426,24 @@ impl Rag {
     pub async fn refresh_indices(table: &Table) -> Result<()> {
         use lancedb::index::{scalar::FtsIndexBuilder, Index};
         use lancedb::table::{OptimizeAction, OptimizeOptions};
-        let indices = table.list_indices().await?;
-        let has = |wanted: fn(&lancedb::index::IndexType) -> bool| indices.iter().any(|index| wanted(&index.index_type));
-        let has_text = has(|t| matches!(t, lancedb::index::IndexType::FTS));
-        let has_vector = has(|t| matches!(t, lancedb::index::IndexType::IvfPq | lancedb::index::IndexType::IvfFlat | lancedb::index::IndexType::IvfHnswPq | lancedb::index::IndexType::IvfHnswSq | lancedb::index::IndexType::IvfRq | lancedb::index::IndexType::IvfSq | lancedb::index::IndexType::IvfHnswFlat));
-        if !has_text {
+        let indexed = Self::indexed(table).await?;
+        if !indexed.text {
             table.create_index(&["text"], Index::FTS(FtsIndexBuilder::default())).replace(true).execute().await?;
         }
-        if !has_vector && table.count_rows(None).await? >= VECTOR_INDEX_MIN_ROWS {
+        if !indexed.vector && table.count_rows(None).await? >= VECTOR_INDEX_MIN_ROWS {
             // Searches rank by cosine distance; an index built for another metric is not used.
             let builder = lancedb::index::vector::IvfPqIndexBuilder::default().distance_type(DistanceType::Cosine);
             table.create_index(&["vector"], Index::IvfPq(builder)).replace(true).execute().await?;
         }
-        if has_text || has_vector {
+        if indexed.text || indexed.vector {
             table.optimize(OptimizeAction::Index(OptimizeOptions::default())).await?;
         }
         Ok(())
+    }
+
+    /// Removes what older versions of a file left: its rows with another content hash.
+    pub async fn delete_older_versions(table: &Table, source: &str, hash: &str) -> Result<()> {
+        Self::delete(table, &format!("source = {} AND content_hash != {}", quote(source), quote(hash))).await
     }
 
     pub async fn status(&self) -> Result<Vec<CollectionStatus>> {

@@ -45,9 +45,15 @@ fn add_docs(home: &Home, dir: &Path, extra: &[&str]) -> std::process::Output {
 
 async fn ask(server: &crate::common::ServerProcess, question: &str) -> Value {
     let body = json!({"model": CHAT, "messages": [{"role": "user", "content": question}], "rag": {"top_k": 2}, "max_tokens": 24, "temperature": 0});
-    let response = reqwest::Client::new().post(server.url("/v1/chat/completions")).json(&body).send().await.unwrap();
-    assert_eq!(response.status(), 200);
-    response.json().await.unwrap()
+    let (status, answer) = post_json(server, "/v1/chat/completions", &body).await;
+    assert_eq!(status, 200);
+    answer
+}
+
+/// POSTs a JSON body and returns the status and the JSON answer.
+async fn post_json(server: &crate::common::ServerProcess, path: &str, body: &Value) -> (u16, Value) {
+    let response = reqwest::Client::new().post(server.url(path)).json(body).send().await.unwrap();
+    (response.status().as_u16(), response.json().await.unwrap())
 }
 
 fn top_source(answer: &Value) -> String {
@@ -114,33 +120,16 @@ async fn documents_are_indexed_retrieved_and_cited() {
 
     // Ollama's chat and the native /generate report sources too.
     let body = json!({"model": CHAT, "messages": [{"role": "user", "content": "What is Zorblat's ocean made of?"}], "stream": false, "rag": true, "options": {"num_predict": 16}});
-    let ollama: Value = reqwest::Client::new().post(server.url("/api/chat")).json(&body).send().await.unwrap().json().await.unwrap();
+    let (_, ollama) = post_json(&server, "/api/chat", &body).await;
     assert!(ollama["rag"]["sources"][0]["source"].as_str().unwrap().ends_with("zorblat.md"), "{ollama}");
-    let native: Value = reqwest::Client::new()
-        .post(server.url("/generate"))
-        .json(&json!({"personality_name": CHAT, "prompt": "Which platform does the night train to Quist use?", "max_tokens": 16, "use_rag": true}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, native) = post_json(&server, "/generate", &json!({"personality_name": CHAT, "prompt": "Which platform does the night train to Quist use?", "max_tokens": 16, "use_rag": true})).await;
     assert!(native["sources"][0]["source"].as_str().unwrap().ends_with("train.rst"), "{native}");
 
     // Anthropic's Messages and OpenAI's Responses carry the sources too, streamed or not.
-    let client = reqwest::Client::new();
-    let messages: Value = client
-        .post(server.url("/v1/messages"))
-        .json(&json!({"model": CHAT, "max_tokens": 8, "messages": [{"role": "user", "content": "How often does the comet Vashti return?"}], "rag": {"top_k": 1}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, messages) = post_json(&server, "/v1/messages", &json!({"model": CHAT, "max_tokens": 8, "messages": [{"role": "user", "content": "How often does the comet Vashti return?"}], "rag": {"top_k": 1}})).await;
     assert!(messages["rag"]["sources"][0]["source"].as_str().unwrap().ends_with("comet.pdf"), "{messages}");
     assert_eq!(messages["rag"]["sources"][0]["chunk_index"], 0);
-    let streamed = client
+    let streamed = reqwest::Client::new()
         .post(server.url("/v1/messages"))
         .json(&json!({"model": CHAT, "max_tokens": 8, "stream": true, "messages": [{"role": "user", "content": "What grows in the rooftop garden of the Kestrel Hotel?"}], "rag": {"top_k": 1}}))
         .send()
@@ -151,28 +140,12 @@ async fn documents_are_indexed_retrieved_and_cited() {
         .unwrap();
     let message_start: Value = streamed.lines().find_map(|l| l.strip_prefix("data: ")).map(|d| serde_json::from_str(d).unwrap()).unwrap();
     assert!(message_start["message"]["rag"]["sources"][0]["source"].as_str().unwrap().ends_with("garden.docx"), "{message_start}");
-    let response: Value = client
-        .post(server.url("/v1/responses"))
-        .json(&json!({"model": CHAT, "max_output_tokens": 8, "input": "Who is the lighthouse keeper of Greyhaven?", "rag": {"top_k": 1}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, response) = post_json(&server, "/v1/responses", &json!({"model": CHAT, "max_output_tokens": 8, "input": "Who is the lighthouse keeper of Greyhaven?", "rag": {"top_k": 1}})).await;
     assert!(response["rag"]["sources"][0]["source"].as_str().unwrap().ends_with("harbor.txt"), "{response}");
     assert!(response["rag"]["sources"][0]["score"].as_f64().unwrap() > 0.0);
 
     // The management API.
-    let added: Value = reqwest::Client::new()
-        .post(server.url("/api/rag/documents"))
-        .json(&json!({"collection": "api", "model": EMBED, "documents": [{"source": "note-1", "text": "The password of the blue door is 'marmalade'."}]}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let added = add_via(&server, "api", &[json!({"source": "note-1", "text": "The password of the blue door is 'marmalade'."})]).await;
     assert_eq!(added["chunks"], 1, "{added}");
     let status: Value = reqwest::get(server.url("/api/rag/status")).await.unwrap().json().await.unwrap();
     assert_eq!(status["collections"].as_array().unwrap().len(), 2, "{status}");
@@ -191,15 +164,7 @@ async fn documents_are_indexed_retrieved_and_cited() {
     let sources = answer["rag"]["sources"].as_array().unwrap().clone();
     assert_eq!(sources.len(), 2);
     let texts: Vec<&str> = sources.iter().map(|s| s["text"].as_str().unwrap()).collect();
-    let ranked: Value = reqwest::Client::new()
-        .post(server.url("/v1/rerank"))
-        .json(&json!({"model": EMBED, "query": question, "documents": texts}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, ranked) = post_json(&server, "/v1/rerank", &json!({"model": EMBED, "query": question, "documents": texts})).await;
     for (position, source) in sources.iter().enumerate() {
         assert_eq!(source["index"], position + 1);
         let relevance = ranked["results"].as_array().unwrap().iter().find(|r| r["index"] == position).unwrap()["relevance_score"].as_f64().unwrap();
@@ -276,7 +241,7 @@ async fn hybrid_retrieval_finds_rare_terms() {
     assert_eq!(added["chunks"], 24, "{added}");
     for (i, part) in parts.iter().enumerate() {
         let body = json!({"model": CHAT, "messages": [{"role": "user", "content": format!("{}?", number(i))}], "rag": {"collection": "parts", "top_k": 1, "hybrid": true}, "max_tokens": 1});
-        let answer: Value = reqwest::Client::new().post(server.url("/v1/chat/completions")).json(&body).send().await.unwrap().json().await.unwrap();
+        let (_, answer) = post_json(&server, "/v1/chat/completions", &body).await;
         assert_eq!(answer["rag"]["sources"][0]["source"], format!("{part}.txt"), "{}: {}", number(i), answer["rag"]);
         // The score stays the chunk's cosine similarity to the question.
         let score = answer["rag"]["sources"][0]["score"].as_f64().unwrap();
@@ -285,14 +250,9 @@ async fn hybrid_retrieval_finds_rare_terms() {
 }
 
 async fn add_via(server: &crate::common::ServerProcess, collection: &str, documents: &[Value]) -> Value {
-    let response = reqwest::Client::new()
-        .post(server.url("/api/rag/documents"))
-        .json(&json!({"collection": collection, "model": EMBED, "documents": documents}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    response.json().await.unwrap()
+    let (status, added) = post_json(server, "/api/rag/documents", &json!({"collection": collection, "model": EMBED, "documents": documents})).await;
+    assert_eq!(status, 200, "{added}");
+    added
 }
 
 /// Two servers (own homes, own ports) on one shared index: what one adds the other
@@ -309,7 +269,7 @@ async fn two_servers_share_one_collection() {
     let note = json!({"source": "vault.txt", "text": "The code of the Harrowgate vault is 7741, changed every March."});
     assert_eq!(add_via(&server_a, "shared", &[note]).await["chunks"], 1);
     let body = json!({"model": CHAT, "messages": [{"role": "user", "content": "What is the code of the Harrowgate vault?"}], "rag": {"collection": "shared", "top_k": 1}, "max_tokens": 1});
-    let answer: Value = reqwest::Client::new().post(server_b.url("/v1/chat/completions")).json(&body).send().await.unwrap().json().await.unwrap();
+    let (_, answer) = post_json(&server_b, "/v1/chat/completions", &body).await;
     assert_eq!(answer["rag"]["sources"][0]["source"], "vault.txt", "{}", answer["rag"]);
 
     let documents: Vec<Value> = (0..12)
