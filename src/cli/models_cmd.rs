@@ -13,6 +13,14 @@ fn store(config: &Config) -> Store {
     Store::new(config.models_dir.clone())
 }
 
+/// The store for a command that writes to it, with the leftovers of interrupted writers
+/// (a pull, copy or quantization that was killed) removed first.
+fn store_for_writing(config: &Config) -> Store {
+    let store = store(config);
+    store.clean_partials();
+    store
+}
+
 /// Progress bars per file on a terminal; plain status lines otherwise.
 struct PullBars {
     bars: indicatif::MultiProgress,
@@ -75,8 +83,7 @@ pub fn pull(args: PullArgs) -> CliResult {
         .build()
         .map_err(|error| CliError(msg!("serve.error.runtime", reason = error)))?;
     let options = crate::store::pull::PullOptions { name: args.name.clone(), file: args.file.clone(), quantize: args.quantize.map(i32::from), force: args.force };
-    let store = store(&config);
-    store.clean_partials();
+    let store = store_for_writing(&config);
     let engine = crate::engine::Engine::start(config.engine.clone());
     let bars = PullBars::new();
     println!("{}", t!("pull.started", source = args.source));
@@ -146,7 +153,7 @@ pub fn create(args: CreateArgs) -> CliResult {
     let config = super::load_config()?;
     let text = std::fs::read_to_string(&args.file).map_err(|e| CliError(msg!("create.error.read", path = args.file.display(), reason = e)))?;
     let modelfile = Modelfile::parse(&text).map_err(|e| CliError(e.msg()))?;
-    let personality = store(&config).create_personality(&args.name, modelfile).map_err(|e| CliError(e.msg()))?;
+    let personality = store_for_writing(&config).create_personality(&args.name, modelfile).map_err(|e| CliError(e.msg()))?;
     println!("{}", t!("create.done", name = personality.name, base = personality.modelfile.from));
     Ok(())
 }
@@ -213,14 +220,14 @@ pub fn show(args: ShowArgs) -> CliResult {
 
 pub fn cp(source: &str, destination: &str) -> CliResult {
     let config = super::load_config()?;
-    store(&config).copy(source, destination).map_err(|e| CliError(e.msg()))?;
+    store_for_writing(&config).copy(source, destination).map_err(|e| CliError(e.msg()))?;
     println!("{}", t!("cp.done", source = source, destination = destination));
     Ok(())
 }
 
 pub fn rm(args: RmArgs) -> CliResult {
     let config = super::load_config()?;
-    let store = store(&config);
+    let store = store_for_writing(&config);
     for name in &args.names {
         store.remove(name, args.force).map_err(|e| CliError(e.msg()))?;
         println!("{}", t!("rm.done", name = name));
@@ -274,7 +281,7 @@ pub fn ps() -> CliResult {
 
 pub fn quantize(args: super::QuantizeArgs) -> CliResult {
     let config = super::load_config()?;
-    let store = store(&config);
+    let store = store_for_writing(&config);
     let bits: i32 = args.bits.parse().map_err(|_| CliError(msg!("quantize.error.bits", bits = args.bits)))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

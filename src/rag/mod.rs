@@ -186,10 +186,10 @@ impl Rag {
     /// Object storage has no file locks: there, writers of one collection must take turns.
     pub async fn lock_writer(&self, collection: &str) -> Result<WriterLock> {
         check_collection(collection)?;
-        if self.uri.contains("://") {
+        let Some(root) = self.local_root() else {
             return Ok(WriterLock { _file: None });
-        }
-        let path = std::path::Path::new(&self.uri).join(format!(".{collection}.write-lock"));
+        };
+        let path = root.join(format!(".{collection}.write-lock"));
         let file = tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
             let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
             #[cfg(unix)]
@@ -211,6 +211,7 @@ impl Rag {
     pub async fn open(uri: &str) -> Result<Rag> {
         if !uri.contains("://") {
             std::fs::create_dir_all(uri).map_err(|e| RagError::Database(format!("{uri}: {e}")))?;
+            remove_cleared_leftovers(std::path::Path::new(uri));
         }
         let connection = lancedb::connect(uri).execute().await?;
         Ok(Rag { connection, uri: uri.to_string() })
@@ -454,7 +455,7 @@ impl Rag {
             let files = Self::stored_files(&table).await?;
             let chunks = files.values().sum();
             let distinct: std::collections::HashSet<&String> = files.keys().map(|(s, _)| s).collect();
-            let size_bytes = (!self.uri.contains("://")).then(|| folder_size(&std::path::Path::new(&self.uri).join(format!("{name}.lance"))));
+            let size_bytes = self.local_root().map(|root| folder_size(&root.join(format!("{name}.lance"))));
             out.push(CollectionStatus { name, embedding_model: model, dimension, files: distinct.len(), chunks, size_bytes });
         }
         Ok(out)
@@ -466,8 +467,23 @@ impl Rag {
         if !self.collections().await?.iter().any(|n| n == collection) {
             return Ok(false);
         }
-        self.connection.drop_table(collection, &[]).await?;
+        match self.local_root() {
+            // The table's folder is renamed away before it is deleted, so a clear that is
+            // killed midway leaves no half-deleted collection (`open` removes the leftover).
+            Some(root) => {
+                let table = root.join(format!("{collection}.lance"));
+                let doomed = root.join(format!(".{collection}{CLEARED}{}", uuid::Uuid::new_v4().simple()));
+                std::fs::rename(&table, &doomed).map_err(|e| RagError::Database(format!("{}: {e}", table.display())))?;
+                let _ = tokio::fs::remove_dir_all(&doomed).await;
+            }
+            None => self.connection.drop_table(collection, &[]).await?,
+        }
         Ok(true)
+    }
+
+    /// The folder of a local collection store (`None` for object storage).
+    fn local_root(&self) -> Option<&std::path::Path> {
+        (!self.uri.contains("://")).then(|| std::path::Path::new(&self.uri))
     }
 
     /// Every stored row of a collection (tests compare whole tables).
@@ -492,6 +508,20 @@ impl Rag {
         }
         rows.sort();
         Ok(rows)
+    }
+}
+
+/// Marks the folder of a collection being cleared: `.NAME.cleared-UUID`.
+const CLEARED: &str = ".cleared-";
+
+/// Removes the folders of clears that were interrupted before they finished deleting.
+fn remove_cleared_leftovers(root: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(root) else { return };
+    for entry in entries.filter_map(|e| e.ok()) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') && name.contains(CLEARED) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
     }
 }
 

@@ -334,6 +334,13 @@ impl Store {
                 }
             }
         }
+        if let Ok(read) = fs::read_dir(self.root.join(PERSONALITIES)) {
+            for entry in read.filter_map(|e| e.ok()) {
+                if temp_writer_alive(&entry.file_name().to_string_lossy()) == Some(false) {
+                    let _ = fs::remove_file(entry.path());
+                }
+            }
+        }
     }
 }
 
@@ -363,13 +370,19 @@ fn exchange(staging: &Path, target: &Path) -> Result<()> {
 fn writer_alive(name: &str) -> bool {
     let mut parts = name.rsplitn(3, '-');
     let (_uuid, pid) = (parts.next(), parts.next().and_then(|p| p.parse::<i32>().ok()));
-    match pid {
-        Some(pid) if pid > 0 && pid != std::process::id() as i32 => {
-            // SAFETY: signal 0 only checks that the process exists.
-            unsafe { libc::kill(pid, 0) == 0 }
-        }
-        _ => false,
-    }
+    pid.is_some_and(other_process_alive)
+}
+
+/// Whether the writer of a temporary file of `write_atomic` (`.NAME.PID.tmp`) still runs;
+/// `None` for a name of another shape.
+fn temp_writer_alive(name: &str) -> Option<bool> {
+    let pid = name.strip_prefix('.')?.strip_suffix(".tmp")?.rsplit('.').next()?.parse::<i32>().ok()?;
+    Some(other_process_alive(pid))
+}
+
+fn other_process_alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    pid > 0 && pid != std::process::id() as i32 && unsafe { libc::kill(pid, 0) == 0 }
 }
 
 impl Store {
@@ -408,6 +421,11 @@ impl Store {
         let source = ModelName::parse(source)?;
         let destination = ModelName::parse(destination)?;
         if self.exists(&destination) {
+            // Copying again onto a finished copy succeeds, so a `cp` interrupted after its
+            // last step can simply be run again.
+            if self.is_copy_of(&source, &destination)? {
+                return Ok(());
+            }
             return Err(StoreError::AlreadyExists { name: destination.to_string() });
         }
         if let Some(personality) = self.personality(&source)? {
@@ -426,6 +444,18 @@ impl Store {
             let _ = fs::remove_dir_all(&staging);
         }
         result
+    }
+
+    /// Whether `copy` is already what copying `source` would make: the same files for a base
+    /// model (and intact), the same Modelfile for a personality.
+    fn is_copy_of(&self, source: &ModelName, copy: &ModelName) -> Result<bool> {
+        if let (Some(original), Some(existing)) = (self.personality(source)?, self.personality(copy)?) {
+            return Ok(original.modelfile == existing.modelfile);
+        }
+        if let (Some(original), Some(existing)) = (self.base(source)?, self.base(copy)?) {
+            return Ok(original.manifest.digest == existing.manifest.digest && self.verify(&existing));
+        }
+        Ok(false)
     }
 
     /// Personalities whose FROM chain ends at base model `name`.
@@ -476,7 +506,12 @@ pub async fn quantize(store: &Store, engine: &crate::engine::Engine, name: &str,
     }
     let target = ModelName::parse(&output.map(str::to_string).unwrap_or_else(|| format!("{}-{bits}bit", base.manifest.name)))?;
     if store.exists(&target) {
-        return Err(StoreError::AlreadyExists { name: target.to_string() }.into());
+        // The same quantization already finished (say, by a run that was killed after its
+        // last step): running it again succeeds without redoing it.
+        return match store.base(&target)? {
+            Some(existing) if is_quantization_of(&existing, &base, bits, group_size) && store.verify(&existing) => Ok((base.manifest.size, existing)),
+            _ => Err(StoreError::AlreadyExists { name: target.to_string() }.into()),
+        };
     }
     let staging = store.staging_folder(&target)?;
     let (source, out) = (base.entry_path(), staging.clone());
@@ -504,6 +539,16 @@ pub async fn quantize(store: &Store, engine: &crate::engine::Engine, name: &str,
         let _ = fs::remove_dir_all(&staging);
     }
     result.map(|model| (base.manifest.size, model))
+}
+
+fn is_quantization_of(existing: &BaseModel, base: &BaseModel, bits: i32, group_size: i32) -> bool {
+    let stored_group_size = fs::read_to_string(existing.folder.join("config.json"))
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .and_then(|config| config["quantization"]["group_size"].as_i64());
+    existing.manifest.source == format!("quantized:{}", base.manifest.name)
+        && existing.manifest.quantization.as_deref() == Some(format!("{bits}bit").as_str())
+        && stored_group_size == Some(i64::from(group_size))
 }
 
 /// Works out what a local path holds and which entry the engine loads.
@@ -617,5 +662,8 @@ mod writer_tests {
         assert!(super::writer_alive(".partial-smol-1-0123abcd"));
         assert!(!super::writer_alive(".partial-smol-2147483646-0123abcd"));
         assert!(!super::writer_alive(".partial-removing-smol-0123abcd"));
+        assert_eq!(super::temp_writer_alive(".cat.json.2147483646.tmp"), Some(false));
+        assert_eq!(super::temp_writer_alive(".cat.json.1.tmp"), Some(true));
+        assert_eq!(super::temp_writer_alive("cat.json"), None);
     }
 }

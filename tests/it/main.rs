@@ -3,6 +3,7 @@
 
 mod common;
 mod config_cli;
+mod crash;
 mod engine_reference;
 mod families;
 mod gguf_families;
