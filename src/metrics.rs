@@ -84,6 +84,8 @@ impl Default for Metrics {
 pub struct Gauges {
     pub loaded_models: usize,
     pub queue_depth: usize,
+    /// Answers being generated or waiting for a place in the engine's batch.
+    pub answers_in_flight: usize,
     pub memory_bytes: u64,
     /// The most MLX has held at once since start.
     pub peak_memory_bytes: u64,
@@ -159,6 +161,7 @@ impl Metrics {
         };
         gauge(&mut out, "mlxserver_loaded_models", "Models loaded now.", gauges.loaded_models as u64);
         gauge(&mut out, "mlxserver_queue_depth", "Requests waiting for a model.", gauges.queue_depth as u64);
+        gauge(&mut out, "mlxserver_answers_in_flight", "Answers being generated or waiting for a place in the engine's batch.", gauges.answers_in_flight as u64);
         gauge(&mut out, "mlxserver_memory_bytes", "Bytes held by loaded models and caches.", gauges.memory_bytes);
         gauge(&mut out, "mlxserver_peak_memory_bytes", "Most bytes MLX held at once since start.", gauges.peak_memory_bytes);
         gauge(&mut out, "mlxserver_cache_memory_bytes", "Freed buffers MLX keeps for reuse.", gauges.cache_memory_bytes);

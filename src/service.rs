@@ -35,6 +35,7 @@ struct Generation {
     first_token_at: Option<Instant>,
     metrics: crate::metrics::Metrics,
     _lease: Lease<Engine>,
+    _admission: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Generation {
@@ -68,6 +69,8 @@ pub struct Service {
     pub scheduler: Scheduler<Engine>,
     pub metrics: crate::metrics::Metrics,
     rag: Arc<tokio::sync::OnceCell<Rag>>,
+    /// One permit per answer in flight: the engine's batch plus `max_queue` waiting.
+    admissions: Arc<tokio::sync::Semaphore>,
 }
 
 impl Service {
@@ -85,7 +88,8 @@ impl Service {
                 max_queue: config.max_queue,
             },
         );
-        Service { config: Arc::new(config), store, engine, scheduler, metrics: Default::default(), rag: Arc::new(tokio::sync::OnceCell::new()) }
+        let admissions = Arc::new(tokio::sync::Semaphore::new(config.engine.max_batch.max(1) + config.max_queue));
+        Service { config: Arc::new(config), store, engine, scheduler, metrics: Default::default(), rag: Arc::new(tokio::sync::OnceCell::new()), admissions }
     }
 
     /// Unloads every model and stops the engine.
@@ -184,13 +188,19 @@ impl Service {
         })
     }
 
+    /// Answers being generated or waiting for a place in the engine's batch.
+    pub fn in_flight(&self) -> usize {
+        self.config.engine.max_batch.max(1) + self.config.max_queue - self.admissions.available_permits()
+    }
+
     /// Starts generating and waits for the first event, so errors that happen before any
     /// output (a failed prompt evaluation, say) still become an HTTP status.
     async fn run(&self, resolved: &Resolved, lease: Lease<Engine>, request: GenerateRequest, started: Instant, sources: Option<Vec<Source>>, shaping: Shaping) -> Result<Answer> {
         let prompt_tokens = request.prompt_tokens.clone();
         let load_duration = lease.load_duration;
+        let admission = self.admissions.clone().try_acquire_owned().map_err(|_| ServiceError::Overloaded { in_flight: self.in_flight() })?;
         let events = self.engine.generate(lease.id, request)?;
-        let mut generation = Generation { model: resolved.name.clone(), started, events, first_token_at: None, metrics: self.metrics.clone(), _lease: lease };
+        let mut generation = Generation { model: resolved.name.clone(), started, events, first_token_at: None, metrics: self.metrics.clone(), _lease: lease, _admission: admission };
         let first = match generation.next().await {
             Some(EngineEvent::Error(error)) => return Err(ServiceError::Engine(error)),
             Some(event) => event,

@@ -18,6 +18,8 @@ pub enum ServiceError {
     BadRequest(String),
     /// The named object (a stored response, say) does not exist.
     NotFound(String),
+    /// As many answers as the engine batches plus `max_queue` are already in flight.
+    Overloaded { in_flight: usize },
 }
 
 impl ServiceError {
@@ -31,6 +33,7 @@ impl ServiceError {
             ServiceError::Rag(error) => error.msg(),
             ServiceError::BadRequest(detail) => msg!("engine.error.bad_request", detail = detail),
             ServiceError::NotFound(detail) => msg!("engine.error.bad_request", detail = detail),
+            ServiceError::Overloaded { in_flight } => msg!("service.error.overloaded", in_flight = in_flight),
         }
     }
 }

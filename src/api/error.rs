@@ -156,6 +156,11 @@ impl ApiError {
 
     pub fn render(&self, family: Family) -> Response {
         let mut response = (self.status, axum::Json(self.body(family))).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            // Every 503 here is momentary (a full queue, a shutdown, a model loading); clients
+            // such as the OpenAI SDK wait this long before they retry.
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
         response.extensions_mut().insert(Rendered);
         response
     }

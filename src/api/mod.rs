@@ -82,6 +82,7 @@ impl From<ServiceError> for ApiError {
             ServiceError::Store(error) => error.into(),
             ServiceError::Scheduler(SchedulerError::Busy { .. }) => ApiError::overloaded(error.to_string()),
             ServiceError::Scheduler(SchedulerError::ShuttingDown) => ApiError::overloaded(error.to_string()),
+            ServiceError::Overloaded { .. } => ApiError::overloaded(error.to_string()),
             ServiceError::Scheduler(SchedulerError::Load(error)) => {
                 tracing::error!(%error, "model load failed");
                 match error {
@@ -320,6 +321,7 @@ pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError
     let gauges = crate::metrics::Gauges {
         loaded_models: loaded.len(),
         queue_depth: state.service.scheduler.queue_depth(),
+        answers_in_flight: state.service.in_flight(),
         memory_bytes: stats.active_memory.max(loaded.iter().map(|m| m.bytes).sum()),
         peak_memory_bytes: stats.peak_memory,
         cache_memory_bytes: stats.cache_memory,

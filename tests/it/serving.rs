@@ -203,3 +203,50 @@ async fn stop_waits_for_an_in_flight_answer() {
     assert_eq!(body["eval_count"], 48, "the answer finished: {body}");
     assert!(server.child.wait().unwrap().success());
 }
+
+fn in_flight(metrics: &str) -> u64 {
+    metrics.lines().find_map(|line| line.strip_prefix("mlxserver_answers_in_flight ")).and_then(|v| v.trim().parse().ok()).expect("mlxserver_answers_in_flight in /metrics")
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_503_with_retry_after_and_a_gone_client_frees_its_place() {
+    let _guard = crate::engine_reference::mlx_lock();
+    let home = home_with_models();
+    // One answer at a time and no queue: a second request is refused at once.
+    let server = start(&home, &[("MLXSERVER_ENGINE_MAX_BATCH", "1"), ("MLXSERVER_MAX_QUEUE", "0"), ("MLXSERVER_METRICS", "true")], &[]);
+    chat(&server, CHAT, "Hi", json!({})).await;
+    let long = json!({"model": CHAT, "messages": [{"role": "user", "content": "Write a very long story."}], "options": {"num_predict": 100000, "num_ctx": 8192}});
+    let response = client().post(server.url("/api/chat")).json(&long).send().await.unwrap();
+    let mut stream = response.bytes_stream();
+    let _ = stream.next().await;
+    let metrics = client().get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert_eq!(in_flight(&metrics), 1, "{metrics}");
+
+    let refused = client().post(server.url("/api/chat")).json(&long).send().await.unwrap();
+    assert_eq!(refused.status(), 503);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    let body: Value = refused.json().await.unwrap();
+    assert!(body["error"].as_str().unwrap().contains("busy"), "{body}");
+    let openai = json!({"model": CHAT, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4});
+    let refused = client().post(server.url("/v1/chat/completions")).json(&openai).send().await.unwrap();
+    assert_eq!(refused.status(), 503);
+    assert!(refused.headers().contains_key("retry-after"));
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "server_busy", "{body}");
+
+    // The client goes away mid-stream: its place is free again within moments (one decode
+    // step, plus the time to notice the closed connection).
+    drop(stream);
+    let gone = Instant::now();
+    loop {
+        let metrics = client().get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        if in_flight(&metrics) == 0 {
+            break;
+        }
+        assert!(gone.elapsed() < Duration::from_secs(5), "the place was not freed: {metrics}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("a gone client's place was free after {:?}", gone.elapsed());
+    let answer = chat(&server, CHAT, "Hi", json!({})).await;
+    assert_eq!(answer["done"], true, "{answer}");
+}
