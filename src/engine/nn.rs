@@ -371,12 +371,16 @@ impl BatchCache {
     pub fn remove(&mut self, row: usize) -> Result<Vec<KvCache>> {
         let left = self.lefts[row];
         let r = row as i32;
-        let taken: Vec<KvCache> = self
-            .keys
-            .iter()
-            .zip(&self.values)
-            .map(|(k, v)| KvCache::from_arrays(k.index((r..r + 1, .., left..self.offset, ..)), v.index((r..r + 1, .., left..self.offset, ..))))
-            .collect();
+        // Gathered, not sliced: a slice would share the whole batch's buffers, so a finished
+        // sequence kept by the prefix cache would pin every row of every layer (gigabytes
+        // under load while the cache counted only the row's bytes).
+        let row_index = Array::from_slice(&[r], &[1]);
+        let columns: Vec<i32> = (left..self.offset).collect();
+        let columns = Array::from_slice(&columns, &[columns.len() as i32]);
+        let own = |array: &Array| -> Result<Array> { Ok(array.take_axis(&row_index, 0)?.take_axis(&columns, 2)?) };
+        let taken: Vec<KvCache> = self.keys.iter().zip(&self.values).map(|(k, v)| Ok(KvCache::from_arrays(own(k)?, own(v)?))).collect::<Result<_>>()?;
+        // Unevaluated, the gathers would still hold the batch's buffers as their inputs.
+        mlx_rs::transforms::eval(taken.iter().flat_map(KvCache::arrays))?;
         self.lefts.remove(row);
         if self.lefts.is_empty() {
             *self = BatchCache::default();
