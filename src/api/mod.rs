@@ -284,8 +284,18 @@ pub fn with_layers(routes: Router, state: AppState) -> Router {
         .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
             let id = request.extensions().get::<error::RequestId>().map(|id| id.0.as_str()).unwrap_or("-");
             tracing::info_span!("request", method = %request.method(), uri = %request.uri().path(), request_id = %id)
-        }))
+        })
+        .on_failure(log_failure))
         .layer(middleware::from_fn(error::assign_request_id))
+}
+
+/// A 503 is the server asking a client to come back shortly (a full queue, a shutdown), not a
+/// fault: under load it would flood the log at error level.
+fn log_failure(class: tower_http::classify::ServerErrorsFailureClass, latency: Duration, _span: &tracing::Span) {
+    match class {
+        tower_http::classify::ServerErrorsFailureClass::StatusCode(StatusCode::SERVICE_UNAVAILABLE) => tracing::debug!(?latency, "answered 503: busy"),
+        class => tracing::error!(%class, ?latency, "response failed"),
+    }
 }
 
 fn base_routes() -> Router<AppState> {

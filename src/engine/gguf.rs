@@ -167,8 +167,14 @@ pub fn read_header(path: &Path) -> Result<GgufHeader, GgufError> {
 
 /// Parses a header held in memory (for tests and fuzzing).
 pub fn parse_bytes(bytes: &[u8]) -> Result<GgufHeader, GgufError> {
-    let mut reader = Reader { inner: std::io::Cursor::new(bytes), remaining: bytes.len() as u64 };
-    parse(&mut reader, bytes.len() as u64)
+    parse_prefix(bytes, bytes.len() as u64)
+}
+
+/// Reads the header from the first bytes of a file of `file_size` bytes (say, the part of a
+/// remote file fetched so far).
+pub fn parse_prefix(prefix: &[u8], file_size: u64) -> Result<GgufHeader, GgufError> {
+    let mut reader = Reader { inner: std::io::Cursor::new(prefix), remaining: prefix.len() as u64 };
+    parse(&mut reader, file_size)
 }
 
 fn parse<R: Read>(reader: &mut Reader<R>, size: u64) -> Result<GgufHeader, GgufError> {

@@ -496,6 +496,20 @@ fn file_type_name(code: u32) -> Option<&'static str> {
     })
 }
 
+/// What the GGUF metadata says about the tokenizer whose `tokens` it lists.
+pub fn gguf_vocabulary(header: &gguf::GgufHeader, tokens: Vec<String>) -> GgufVocab {
+    GgufVocab {
+        model: header.string("tokenizer.ggml.model").unwrap_or_else(|| "gpt2".into()),
+        pre: header.string("tokenizer.ggml.pre"),
+        token_types: header
+            .numbers("tokenizer.ggml.token_type")
+            .map(|types| types.into_iter().map(|t| t as i32).collect())
+            .unwrap_or_else(|| vec![1; tokens.len()]),
+        merges: header.strings("tokenizer.ggml.merges").unwrap_or_default(),
+        tokens,
+    }
+}
+
 pub fn read_gguf(path: &Path) -> Result<GgufContents> {
     use mlx_rs::io::GgufFile;
     let header = gguf::read_header(path).map_err(|error| invalid(path, format!("cannot read GGUF: {error}")))?;
@@ -634,16 +648,7 @@ pub fn read_gguf(path: &Path) -> Result<GgufContents> {
         }
     }
     config["tie_word_embeddings"] = (!tensors.contains_key("lm_head.weight")).into();
-    let vocab = GgufVocab {
-        model: header.string("tokenizer.ggml.model").unwrap_or_else(|| "gpt2".into()),
-        pre: header.string("tokenizer.ggml.pre"),
-        token_types: header
-            .numbers("tokenizer.ggml.token_type")
-            .map(|types| types.into_iter().map(|t| t as i32).collect())
-            .unwrap_or_else(|| vec![1; tokens.len()]),
-        merges: header.strings("tokenizer.ggml.merges").unwrap_or_default(),
-        tokens: tokens.clone(),
-    };
+    let vocab = gguf_vocabulary(&header, tokens.clone());
     let token_id = |name: &str| header.number(name).map(|n| n as u32);
     let bos_token = token_id("tokenizer.ggml.bos_token_id").and_then(|id| tokens.get(id as usize).map(|t| (id, t.clone())));
     let mut eos_token_ids: Vec<u32> =
@@ -837,7 +842,6 @@ fn load_bert(folder: &Path, config: &Value, device: DevicePolicy) -> Result<Load
     tokenizer
         .with_truncation(Some(tokenizers::TruncationParams { max_length: max_tokens, ..Default::default() }))
         .map_err(|error| EngineError::Tokenizer(error.to_string()))?;
-    tokenizer.with_padding(None);
     let dimensions = bert.hidden_size as usize;
     let cross_encoder = head.is_some();
     // MLXSERVER_HOST_KERNELS=0 keeps MLX's own ops on the CPU too (benchmarks compare both).

@@ -44,9 +44,17 @@ fn raise_exception(message: String) -> Result<String, JinjaError> {
     Err(JinjaError::new(ErrorKind::InvalidOperation, message))
 }
 
-fn strftime_now(format: String) -> String {
-    chrono::Local::now().format(&format).to_string()
+/// chrono's formatter fails on an unknown specifier, and `to_string` would turn that into a
+/// panic (found by tests/it/fuzz.rs): the template gets an error instead.
+fn strftime_now(format: String) -> Result<String, JinjaError> {
+    use std::fmt::Write;
+    let mut out = String::new();
+    write!(out, "{}", chrono::Local::now().format(&format)).map_err(|_| JinjaError::new(ErrorKind::InvalidOperation, format!("strftime_now: invalid format {format:?}")))?;
+    Ok(out)
 }
+
+/// The widest `tojson` indent a template may ask for (a huge one would allocate without bound).
+const MAX_INDENT: usize = 64;
 
 /// transformers replaces Jinja's `tojson` with `json.dumps(x, ensure_ascii=False, indent=None,
 /// separators=None, sort_keys=False)`, and templates put its output straight into the prompt
@@ -62,7 +70,13 @@ fn tojson(value: &JinjaValue, ensure_ascii: Option<bool>, kwargs: Kwargs) -> Res
         Some(indent) if indent.is_none() || indent.is_undefined() => None,
         Some(indent) => match indent.as_str() {
             Some(text) => Some(text.to_string()),
-            None => Some(" ".repeat(usize::try_from(indent)?)),
+            None => {
+                let width = usize::try_from(indent)?;
+                if width > MAX_INDENT {
+                    return Err(JinjaError::new(ErrorKind::InvalidOperation, format!("tojson indent {width} is wider than {MAX_INDENT}")));
+                }
+                Some(" ".repeat(width))
+            }
         },
         None => None,
     };

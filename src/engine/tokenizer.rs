@@ -87,8 +87,15 @@ pub fn from_gguf(vocab: GgufVocab) -> Result<Tokenizer, EngineError> {
     Ok(tokenizer)
 }
 
+/// Reads a `tokenizer.json`. Its padding and truncation settings are dropped: the engine
+/// batches and bounds sequences itself, a chat prompt must never be cut silently, and a hostile
+/// `pad_to_multiple_of` made the tokenizers crate panic on every encode (found by
+/// tests/it/fuzz.rs).
 pub fn from_file(path: &std::path::Path) -> Result<Tokenizer, EngineError> {
-    Tokenizer::from_file(path).map_err(|error| EngineError::Tokenizer(format!("{}: {error}", path.display())))
+    let mut tokenizer = Tokenizer::from_file(path).map_err(|error| EngineError::Tokenizer(format!("{}: {error}", path.display())))?;
+    tokenizer.with_padding(None);
+    tokenizer.with_truncation(None).map_err(|error| EngineError::Tokenizer(error.to_string()))?;
+    Ok(tokenizer)
 }
 
 /// Token ids of `text` without special tokens added around it (chat templates add their own).

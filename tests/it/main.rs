@@ -6,6 +6,7 @@ mod config_cli;
 mod crash;
 mod engine_reference;
 mod families;
+mod fuzz;
 mod gguf_families;
 mod handlers;
 mod hub;
