@@ -10,9 +10,12 @@
 # (ignored by git), to be carried one or two per call.
 #   --engine-only   only what the engine benchmark needs (no mlxserver binary, no llama.cpp);
 #                   a kernel cache saved from an earlier run (KERNELS=file.tgz) goes along.
+#   --server-only   only the mlxserver binary, MLX's CUDA build and the tokenizer (the
+#                   `memory` stage of bench/gpu/remote.sh); no wheels, no llama.cpp.
 set -euo pipefail
-engine_only=0
+engine_only=0 server_only=0
 [ "${1:-}" = "--engine-only" ] && engine_only=1
+[ "${1:-}" = "--server-only" ] && server_only=1
 here="$(cd "$(dirname "$0")" && pwd)"
 cd "$here/.."
 . "$here/env.sh"
@@ -29,11 +32,11 @@ cargo build --locked --bins --example engine_bench
 rm -rf "$stage" && mkdir -p "$stage/bin" "$stage/wheels" "$stage/mlx-cuda" "$stage/tokenizer"
 [ "$engine_only" = 1 ] || strip -o "$stage/bin/mlxserver" "$MLXSERVER_BIN"
 if [ -n "${KERNELS:-}" ]; then tar xzf "$KERNELS" -C "$stage"; fi
-strip -o "$stage/bin/engine_bench" "$CARGO_TARGET_DIR/debug/examples/engine_bench"
-cp "$wheels/mlx-$MLX_VERSION"-*.whl "$wheels"/mlx_lm-0.32.2-*.whl "$stage/wheels/"
+[ "$server_only" = 1 ] || strip -o "$stage/bin/engine_bench" "$CARGO_TARGET_DIR/debug/examples/engine_bench"
+[ "$server_only" = 1 ] || cp "$wheels/mlx-$MLX_VERSION"-*.whl "$wheels"/mlx_lm-0.32.2-*.whl "$stage/wheels/"
 (cd "$stage/mlx-cuda" && unzip -q "$wheels"/mlx_cuda_13-"$MLX_VERSION"-*.whl)
 
-if [ "$engine_only" = 0 ]; then
+if [ "$engine_only" = 0 ] && [ "$server_only" = 0 ]; then
 # llama.cpp without its docs, test models, web UI and the backends other than CPU and CUDA.
 tmp=$(mktemp -d)
 tar xzf "$wheels/llama_cpp_python-0.3.36.tar.gz" -C "$tmp" llama_cpp_python-0.3.36/vendor/llama.cpp

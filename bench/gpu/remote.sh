@@ -8,6 +8,7 @@
 #   remote.sh peers        mlx-lm and llama.cpp benchmarks
 #   remote.sh ours         mlxserver: engine bench (batch 1, 16), served first-request latency,
 #                          GGUF pull and serve
+#   remote.sh memory       the served path's MLX and GPU memory over rounds of 16 streams
 #   remote.sh decode       batch-1 decode split into build/launch/wait, ours and mlx-lm's
 #   remote.sh kernels      GPU time per kernel over one decode step, ours and mlx-lm's (ncu)
 # Results are JSON lines in $OUT/results.jsonl, logs in $OUT.
@@ -89,6 +90,19 @@ serve)
     "$B/mlxserver" pull "$W/m/big-q4_0.gguf" --name big-gguf 2>&1 | tail -1
     "$B/mlxserver" run big-gguf "Say hello" --verbose 2>&1 | tail -4
   fi ;;
+memory)
+  # The served path's memory under rounds of 16 concurrent streams (prefix cache and MLX buffer
+  # cache at their defaults): MLX's and the GPU's peaks against weights + KV + those bounds.
+  B="$W/b/bin"; M="$W/m/big-hf"; export MLXSERVER_HOME="$W/home" MLXSERVER_METRICS=true
+  [ -d "$M" ] || python3 "$(dirname "$0")/make_random_model.py" "$M" "$W/b/tokenizer" --shape 8b >/dev/null || exit 1
+  [ -f "$W/home/models/big/manifest.json" ] || "$B/mlxserver" pull "$M" --name big --quantize 4 2>&1 | tail -1
+  port=27124
+  "$B/mlxserver" serve --port $port >"$OUT/serve-memory.log" 2>&1 &
+  pid=$!
+  for i in $(seq 1 600); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 0.2; done
+  curl -s "http://127.0.0.1:$port/api/generate" -d '{"model":"big","prompt":"","keep_alive":-1}' >/dev/null
+  result "$(python3 "$(dirname "$0")/served_memory.py" "http://127.0.0.1:$port" big --streams 16 --rounds 4 --tokens 128)"
+  kill $pid; wait $pid 2>/dev/null ;;
 engine)
   # The engine alone, on the random 8B model quantized by engine_bench itself (group 64):
   # where decode time goes (MLXSERVER_PROFILE), and mlx-lm on the very same 4-bit folder.
