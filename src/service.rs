@@ -73,6 +73,11 @@ pub struct Service {
     admissions: Arc<tokio::sync::Semaphore>,
 }
 
+/// Answers allowed in flight: the engine's batch plus `max_queue` waiting for a place in it.
+fn admission_capacity(config: &Config) -> usize {
+    config.engine.max_batch.max(1) + config.max_queue
+}
+
 impl Service {
     /// Starts the engine thread and the scheduler (needs a tokio runtime).
     pub fn start(config: Config) -> Service {
@@ -88,7 +93,7 @@ impl Service {
                 max_queue: config.max_queue,
             },
         );
-        let admissions = Arc::new(tokio::sync::Semaphore::new(config.engine.max_batch.max(1) + config.max_queue));
+        let admissions = Arc::new(tokio::sync::Semaphore::new(admission_capacity(&config)));
         Service { config: Arc::new(config), store, engine, scheduler, metrics: Default::default(), rag: Arc::new(tokio::sync::OnceCell::new()), admissions }
     }
 
@@ -190,7 +195,7 @@ impl Service {
 
     /// Answers being generated or waiting for a place in the engine's batch.
     pub fn in_flight(&self) -> usize {
-        self.config.engine.max_batch.max(1) + self.config.max_queue - self.admissions.available_permits()
+        admission_capacity(&self.config) - self.admissions.available_permits()
     }
 
     /// Starts generating and waits for the first event, so errors that happen before any
