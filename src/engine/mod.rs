@@ -347,6 +347,8 @@ struct DecodeProfile {
     launch: Duration,
     wait: Duration,
     host: Duration,
+    /// The slowest step's host bookkeeping and its row count (outliers hide in averages).
+    slowest_host: (Duration, usize),
     since: Option<Instant>,
 }
 
@@ -366,6 +368,9 @@ impl DecodeProfile {
         self.launch += launch;
         self.wait += wait;
         self.host += host;
+        if host > self.slowest_host.0 {
+            self.slowest_host = (host, rows);
+        }
         if self.steps == 256 {
             let per = |d: Duration| d.as_secs_f64() * 1e6 / self.steps as f64;
             let wall = since.elapsed().as_secs_f64() * 1e6 / self.steps as f64;
@@ -377,6 +382,8 @@ impl DecodeProfile {
                 launch_us = format!("{:.0}", per(self.launch)),
                 wait_us = format!("{:.0}", per(self.wait)),
                 host_us = format!("{:.0}", per(self.host)),
+                slowest_host_us = self.slowest_host.0.as_micros() as u64,
+                slowest_host_rows = self.slowest_host.1,
                 "decode profile"
             );
             *self = DecodeProfile { enabled: true, ..Default::default() };
@@ -395,13 +402,34 @@ struct InFlight {
 }
 
 impl InFlight {
+    /// Tokens derived from a queued step (some rows dropped, or a joining row's token added)
+    /// are queued as a graph of their own. MLX marks every array of one `async_eval` with one
+    /// event, signalled when that whole graph is done: a derived array left lazy would become
+    /// part of the next step's graph, and reading it would wait for that step as well, which
+    /// undoes the pipelining.
+    fn derived(tokens: Array, known: Vec<bool>) -> Result<InFlight> {
+        mlx_rs::transforms::async_eval(std::iter::once(&tokens))?;
+        Ok(InFlight { tokens, known })
+    }
+
     fn keep(self, rows: &[i32]) -> Result<Option<InFlight>> {
         if rows.is_empty() {
             return Ok(None);
         }
+        let unchanged = rows.len() == self.known.len() && rows.iter().enumerate().all(|(index, &row)| row as usize == index);
+        if unchanged {
+            return Ok(Some(self));
+        }
         let tokens = self.tokens.take_axis(&Array::from_slice(rows, &[rows.len() as i32]), 0)?;
         let known = rows.iter().map(|&r| self.known[r as usize]).collect();
-        Ok(Some(InFlight { tokens, known }))
+        InFlight::derived(tokens, known).map(Some)
+    }
+
+    /// A row that joins the batch with its first token already known to the host.
+    fn join(mut self, token: u32) -> Result<InFlight> {
+        let tokens = ops::concatenate(&[self.tokens, Array::from_slice(&[token], &[1])], 0)?;
+        self.known.push(true);
+        InFlight::derived(tokens, self.known)
     }
 }
 
@@ -640,11 +668,9 @@ impl Worker {
                             Ok(()) => {
                                 // The batch holds the cache now.
                                 sequence.cache = Vec::new();
-                                if let Some(mut queued) = model.in_flight.take() {
+                                if let Some(queued) = model.in_flight.take() {
                                     // Its first token (already reported) joins the queued ones.
-                                    let first = Array::from_slice(&[sequence.next_input.unwrap_or(0)], &[1]);
-                                    queued.known.push(true);
-                                    model.in_flight = ops::concatenate(&[queued.tokens, first], 0).ok().map(|tokens| InFlight { tokens, known: queued.known });
+                                    model.in_flight = queued.join(sequence.next_input.unwrap_or(0)).ok();
                                 }
                                 model.running.push(sequence);
                             }
@@ -882,10 +908,8 @@ fn resume_parked(parked: &mut Vec<Sequence>, running: &mut Vec<Sequence>, batch:
         let mut sequence = parked.remove(index);
         batch.push(&sequence.cache)?;
         sequence.cache = Vec::new();
-        if let Some(mut queued) = in_flight.take() {
-            let next = Array::from_slice(&[sequence.next_input.unwrap_or(0)], &[1]);
-            queued.known.push(true);
-            *in_flight = Some(InFlight { tokens: ops::concatenate(&[queued.tokens, next], 0)?, known: queued.known });
+        if let Some(queued) = in_flight.take() {
+            *in_flight = Some(queued.join(sequence.next_input.unwrap_or(0))?);
         }
         running.push(sequence);
     }
