@@ -296,9 +296,9 @@ impl Tensors {
 }
 
 /// Whether q/k/v (and gate/up) projections run as one stacked matmul. On the CPU it saves
-/// BLAS calls; on a GPU the split outputs need copies and a stacked copy of the weights,
-/// and separate matmuls measured faster (8B 4-bit on an H200: 110 vs 106 tok/s at batch 1,
-/// 5.97 vs 6.84 GB peak). `MLXSERVER_FUSE_PROJECTIONS=0|1` overrides, for measurements.
+/// BLAS calls; on a GPU the two measured alike at batch 1 and 16 streams (8B 4-bit on an
+/// H200: 172 vs 178 tok/s, 630 vs 630; bench/README.md), and separate matmuls keep the peak
+/// lower (6.04 vs 6.91 GB). `MLXSERVER_FUSE_PROJECTIONS=0|1` overrides, for measurements.
 fn fuse_projections(device: DevicePolicy) -> bool {
     match std::env::var("MLXSERVER_FUSE_PROJECTIONS").as_deref() {
         Ok("0") => false,

@@ -99,7 +99,22 @@ impl Linear {
             }
             // mlx's QuantizedLinear adds its bias after the quantized matmul, as here.
             Weight::Quantized(q) => {
-                ops::quantized_matmul(x, &q.weight, &q.scales, &q.biases, true, q.group_size, q.bits)?
+                // Rows folded into one matrix: MLX's CUDA kernels take `[B, 1, K]` (a batched
+                // decode step) as B products of one row each, reading the weights B times,
+                // where `[B, K]` is one B-row product that reads them once. (A lone sequence
+                // keeps its shape: two reshapes per layer cost host time on every step.)
+                let shape = x.shape();
+                let batched = shape.len() > 2 && shape[..shape.len() - 2].iter().product::<i32>() > 1;
+                if batched {
+                    let columns = shape[shape.len() - 1];
+                    let rows = x.reshape(&[-1, columns])?;
+                    let y = ops::quantized_matmul(&rows, &q.weight, &q.scales, &q.biases, true, q.group_size, q.bits)?;
+                    let mut out_shape = shape[..shape.len() - 1].to_vec();
+                    out_shape.push(y.dim(-1));
+                    y.reshape(&out_shape)?
+                } else {
+                    ops::quantized_matmul(x, &q.weight, &q.scales, &q.biases, true, q.group_size, q.bits)?
+                }
             }
         };
         Ok(match &self.bias {
@@ -472,3 +487,26 @@ fn write_positions(cache: &Array, update: &Array, start: i32) -> Result<Array> {
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A batched decode step's `[B, 1, K]` rows folded into one product give each row's own
+    /// result (the fold exists for MLX's CUDA kernels; the numbers must not change).
+    #[test]
+    fn quantized_linear_gives_each_row_of_a_batch_its_own_result() {
+        mlx_rs::random::seed(7).unwrap();
+        let dense = mlx_rs::random::normal::<f32>(&[96, 128], None, None, None).unwrap();
+        let (weight, scales, biases) = ops::quantize(&dense, 64, 4).unwrap();
+        let linear = Linear { weight: Weight::Quantized(Quantized { weight, scales, biases, group_size: 64, bits: 4 }), bias: None };
+        let x = mlx_rs::random::normal::<f32>(&[3, 1, 128], None, None, None).unwrap();
+        let batched = linear.forward(&x).unwrap();
+        assert_eq!(batched.shape(), &[3, 1, 96]);
+        for row in 0..3 {
+            let alone = linear.forward(&x.index(row..row + 1)).unwrap();
+            let difference = batched.index(row..row + 1).subtract(&alone).unwrap().abs().unwrap().max(None).unwrap().item_exact::<f32>();
+            assert!(difference < 1e-4, "row {row} differs by {difference}");
+        }
+    }
+}
