@@ -12,10 +12,12 @@
 #                   a kernel cache saved from an earlier run (KERNELS=file.tgz) goes along.
 #   --server-only   only the mlxserver binary, MLX's CUDA build and the tokenizer (the
 #                   `memory` stage of bench/gpu/remote.sh); no wheels, no llama.cpp.
+#   --no-llama      everything but llama.cpp (the `engine` and `memory` stages in one session).
 set -euo pipefail
-engine_only=0 server_only=0
+engine_only=0 server_only=0 no_llama=0
 [ "${1:-}" = "--engine-only" ] && engine_only=1
 [ "${1:-}" = "--server-only" ] && server_only=1
+[ "${1:-}" = "--no-llama" ] && no_llama=1
 here="$(cd "$(dirname "$0")" && pwd)"
 cd "$here/.."
 . "$here/env.sh"
@@ -36,7 +38,7 @@ if [ -n "${KERNELS:-}" ]; then tar xzf "$KERNELS" -C "$stage"; fi
 [ "$server_only" = 1 ] || cp "$wheels/mlx-$MLX_VERSION"-*.whl "$wheels"/mlx_lm-0.32.2-*.whl "$stage/wheels/"
 (cd "$stage/mlx-cuda" && unzip -q "$wheels"/mlx_cuda_13-"$MLX_VERSION"-*.whl)
 
-if [ "$engine_only" = 0 ] && [ "$server_only" = 0 ]; then
+if [ "$engine_only" = 0 ] && [ "$server_only" = 0 ] && [ "$no_llama" = 0 ]; then
 # llama.cpp without its docs, test models, web UI and the backends other than CPU and CUDA.
 tmp=$(mktemp -d)
 tar xzf "$wheels/llama_cpp_python-0.3.36.tar.gz" -C "$tmp" llama_cpp_python-0.3.36/vendor/llama.cpp
