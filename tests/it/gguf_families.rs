@@ -11,6 +11,11 @@
 //!    setting of the tiny model (Gemma's `query_pre_attn_scalar`, Gemma 3's layer pattern),
 //!    llama.cpp's reading of the file is the model, and the reference is our Hugging Face path
 //!    (itself checked against mlx-lm in families.rs) with those settings as llama.cpp reads them.
+//! 3. llama.cpp itself: `scripts/reference/make_gguf_llama_cpp_references.py` ran
+//!    llama-cpp-python on the converter's file and recorded its first-step logits and 16 greedy
+//!    tokens (`tests/fixtures/reference/gguf-llama-cpp/<arch>.json`); the same numbers must
+//!    come out of our load of the bit-identical file. For Gemma 2/3 and SmolLM3 this is the
+//!    one reference that does not go through our own code.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -574,6 +579,25 @@ fn llama_cpp_reading(arch: &str, family: &Value) -> Option<Value> {
     Some(config)
 }
 
+/// Largest first-step logit difference from llama.cpp, relative to the largest logit. Its
+/// run keeps keys and values in float32 (the script sets `type_k`/`type_v`); measured worst:
+/// 3.5e-6 (granite).
+const LLAMA_CPP_F32_TOLERANCE: f32 = 2e-5;
+/// ggml's CPU GELU reads a float16 table, which moves Gemma's logits (measured worst 2.9e-4).
+const LLAMA_CPP_GELU_TOLERANCE: f32 = 1e-3;
+/// float16 weights: ggml rounds the activations to float16 for the products (measured worst
+/// 1.0e-3, llama).
+const LLAMA_CPP_F16_TOLERANCE: f32 = 2e-3;
+/// A greedy token may differ only where llama.cpp's own choice was this close.
+const LLAMA_CPP_MARGIN: f64 = 1e-3;
+
+/// llama.cpp's inference on the converter's file, when recorded for this architecture and
+/// file type (scripts/reference/make_gguf_llama_cpp_references.py).
+fn llama_cpp_run(arch: &str, outtype: &str) -> Option<Value> {
+    let path = fixture_dir("gguf-llama-cpp").join(format!("{arch}.json"));
+    path.exists().then(|| read_json(&path)).and_then(|record| record["runs"].get(outtype).cloned())
+}
+
 #[test]
 fn gguf_files_match_llama_cpp_converter_and_mlx_lm() {
     let _guard = mlx_lock();
@@ -619,6 +643,31 @@ fn gguf_files_match_llama_cpp_converter_and_mlx_lm() {
                     (logits, toks, vec![1.0; expected.len()], "our HF path configured as llama.cpp reads the GGUF")
                 }
             };
+            if let Some(run) = llama_cpp_run(arch, outtype) {
+                // The independent reference: llama.cpp itself running the converter's file.
+                let logits = floats(&run["first_logits"]);
+                let spread = logits.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                let diff = max_abs_diff(&first, &logits);
+                let lcp_tokens = ids(&run["greedy_ids"]);
+                let lcp_margins: Vec<f64> = floats(&run["margins"]).iter().map(|m| f64::from(*m)).collect();
+                let matching = tokens.iter().zip(&lcp_tokens).take_while(|(a, b)| a == b).count();
+                report.push(format!("{arch} {outtype}: vs llama.cpp (llama-cpp-python): max |logit diff| {diff:.2e} (logits up to {spread:.1}), tokens {matching}/{}", lcp_tokens.len()));
+                let tolerance = match (outtype.as_str(), arch.as_str()) {
+                    ("f32", "gemma2" | "gemma3") => LLAMA_CPP_GELU_TOLERANCE,
+                    ("f32", _) => LLAMA_CPP_F32_TOLERANCE,
+                    _ => LLAMA_CPP_F16_TOLERANCE,
+                };
+                if diff > tolerance * spread.max(1.0) {
+                    failures.push(format!("{arch} {outtype}: first-step logits differ by {diff} from llama.cpp's"));
+                    continue;
+                }
+                if let Some(step) = tokens.iter().zip(&lcp_tokens).position(|(a, b)| a != b) {
+                    let margin = lcp_margins.get(step).copied().unwrap_or(0.0);
+                    if margin >= LLAMA_CPP_MARGIN {
+                        failures.push(format!("{arch} {outtype}: token {step} is {}, llama.cpp chose {} with a margin of {margin:.3} (ours {tokens:?}, llama.cpp {lcp_tokens:?})", tokens[step], lcp_tokens[step]));
+                    }
+                }
+            }
             let spread = reference.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             let diff = max_abs_diff(&first, &reference);
             let matching = tokens.iter().zip(&ref_tokens).take_while(|(a, b)| a == b).count();
