@@ -272,8 +272,17 @@ impl DecoderConfig {
                     .collect()
             }
             "gemma2" => {
-                // mlx-lm's gemma2 attends globally in every layer; so do we, to match it.
-                (0..num_layers).map(|_| LayerKind { rope: Some(0), window: None, moe: false }).collect()
+                // Even layers slide, as in transformers and llama.cpp (`layer_types` when the
+                // config lists them); mlx-lm's gemma2 attends globally everywhere, which
+                // differs once a chat is longer than the window (tests/it/families.rs,
+                // sliding windows against transformers).
+                let layer_types: Vec<&str> = config["layer_types"].as_array().map(|l| l.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+                (0..num_layers)
+                    .map(|i| {
+                        let sliding = layer_types.get(i).map_or(i % 2 == 0, |kind| *kind == "sliding_attention");
+                        LayerKind { rope: Some(0), window: if sliding { window } else { None }, moe: false }
+                    })
+                    .collect()
             }
             "smollm3" => {
                 let no_rope: Vec<u64> = config["no_rope_layers"].as_array().map(|l| l.iter().filter_map(Value::as_u64).collect()).unwrap_or_default();

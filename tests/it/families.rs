@@ -603,3 +603,37 @@ fn pull_sharded_bf16_and_mixed_quantized_from_the_hub_then_run_answers() {
         assert!(text.split_whitespace().any(|w| w.starts_with('w')), "{repo}: no answer: {text:?}");
     }
 }
+
+/// Windows shorter than the chat: transformers' own mistral, gemma2 and gemma3_text (eager
+/// attention, the whole sequence recomputed each step) with `sliding_window = 5` under a
+/// 12-token prompt and 16 greedy tokens (scripts/reference/make_window_references.py). Our
+/// prefill masks and the batched decode's masks over the cache must give the same numbers.
+#[test]
+fn sliding_windows_shorter_than_the_chat_match_transformers() {
+    let _guard = mlx_lock();
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/reference/windows");
+    let root = tempfile::tempdir().unwrap();
+    let policy = DevicePolicy::new(Backend::Cpu, CpuDtype::Float32);
+    let mut report = Vec::new();
+    for family in ["mistral", "gemma2", "gemma3_text"] {
+        let reference: Value = serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{family}.json"))).unwrap()).unwrap();
+        let (_, fixture) = fixtures().into_iter().find(|(name, _)| name == family).unwrap();
+        assert_eq!(reference["families_salt"], fixture["salt"], "{family}: made from another recipe");
+        let mut variant = fixture.clone();
+        variant["config"] = reference["config"].clone();
+        let folder = root.path().join(family);
+        write_family_folder(&variant, &folder);
+        let model = load(&folder, policy);
+        let expected = ids(&reference["greedy_ids"]);
+        let (first, tokens, _) = run_model(&model, &ids(&reference["prompt_ids"]), expected.len());
+        let logits = floats(&reference["first_logits"]);
+        let spread = logits.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let diff = max_abs_diff(&first, &logits);
+        let matching = tokens.iter().zip(&expected).take_while(|(a, b)| a == b).count();
+        report.push(format!("{family}: window 5 < 28 tokens: max |logit diff| {diff:.2e}, tokens {matching}/{}", expected.len()));
+        assert!(diff <= 2e-4 * spread.max(1.0), "{family}: first-step logits differ by {diff} from transformers'");
+        let margins: Vec<f64> = floats(&reference["margins"]).iter().map(|m| f64::from(*m)).collect();
+        check_tokens(family, &tokens, &expected, &margins, 1e-3);
+    }
+    eprintln!("{}", report.join("\n"));
+}
