@@ -636,4 +636,46 @@ fn sliding_windows_shorter_than_the_chat_match_transformers() {
         check_tokens(family, &tokens, &expected, &margins, 1e-3);
     }
     eprintln!("{}", report.join("\n"));
+
+    // Served: the reference prompt in a batch with a shorter and a longer one (left padding
+    // under the window masks), then again alone (a prefix-cache hit).
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let engine = Engine::start(EngineConfig::default());
+    for (index, family) in ["mistral", "gemma2", "gemma3_text"].into_iter().enumerate() {
+        let reference: Value = serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{family}.json"))).unwrap()).unwrap();
+        let id = 300 + index as u64;
+        runtime.block_on(engine.load(id, &root.path().join(family))).unwrap_or_else(|e| panic!("{family}: {e}"));
+        let prompt = ids(&reference["prompt_ids"]);
+        let expected = ids(&reference["greedy_ids"]);
+        let margins: Vec<f64> = floats(&reference["margins"]).iter().map(|m| f64::from(*m)).collect();
+        let shorter = prompt[3..].to_vec();
+        let longer: Vec<u32> = prompt.iter().copied().chain([5, 6, 7]).collect();
+        let answers = runtime.block_on(futures::future::join_all([prompt.clone(), shorter, longer].into_iter().map(|tokens| {
+            let mut events = engine
+                .generate(id, mlxserver::engine::GenerateRequest {
+                    prompt_tokens: tokens,
+                    sampling: mlxserver::engine::SamplingParams::greedy(),
+                    max_tokens: Some(expected.len()),
+                    context_length: None,
+                    stop: vec![],
+                    logprobs: None,
+                    grammar: None,
+                })
+                .unwrap();
+            async move {
+                while let Some(event) = events.recv().await {
+                    match event {
+                        mlxserver::engine::EngineEvent::Done(done) => return done.tokens,
+                        mlxserver::engine::EngineEvent::Error(error) => panic!("{error}"),
+                        _ => {}
+                    }
+                }
+                panic!("the engine closed the stream")
+            }
+        })));
+        check_tokens(&format!("{family} batched"), &answers[0], &expected, &margins, 1e-3);
+        let (again, _, _) = greedy(&engine, &runtime, id, prompt, expected.len());
+        check_tokens(&format!("{family} from the prefix cache"), &again, &expected, &margins, 1e-3);
+    }
+    engine.shutdown();
 }
