@@ -149,6 +149,19 @@ fn architecture_name(arch: &str) -> &'static str {
 
 /// Linear, embedding and expert weights that quantization applies to (what mlx-lm's
 /// `convert -q` quantizes: every layer whose input size divides into groups).
+/// Modules a family keeps at 8 bits, group 64, whatever the requested bits: mlx-lm's models
+/// declare these (`quant_predicate`: granite's o_proj, down_proj and lm_head, whose small
+/// values low-bit scales lose; qwen3_moe's router), so its converted folders, the
+/// MLX-community ones included, carry them, and `pull --quantize` writes the same.
+fn family_override(model_type: &str, module: &str) -> Option<(i32, i32)> {
+    let keep = match model_type {
+        "granite" => module.ends_with("self_attn.o_proj") || module.ends_with("mlp.down_proj") || module == "lm_head",
+        "qwen3_moe" => module.ends_with("mlp.gate"),
+        _ => false,
+    };
+    keep.then_some((8, 64))
+}
+
 fn quantizable(name: &str, array: &Array, group_size: i32) -> bool {
     let linear = [
         ".q_proj.weight",
@@ -213,7 +226,8 @@ pub fn quantize_folder(source: &Path, out: &Path, bits: i32, group_size: i32) ->
     if config["model_type"] == "bert" {
         return Err(EngineError::BadRequest("embedding models are not quantized".into()));
     }
-    let source_group = config["quantization"]["group_size"].as_i64().map(|g| g as i32);
+    let source_quantization = config["quantization"].clone();
+    let source_group = source_quantization["group_size"].as_i64().map(|g| g as i32);
     let mut arrays: BTreeMap<String, Array> = BTreeMap::new();
     for entry in std::fs::read_dir(source).map_err(|e| io(source, e))? {
         let path = entry.map_err(|e| io(source, e))?.path();
@@ -233,21 +247,28 @@ pub fn quantize_folder(source: &Path, out: &Path, bits: i32, group_size: i32) ->
         let (Some(weight), Some(scales), Some(biases)) = (weight, scales, biases) else {
             return Err(EngineError::InvalidModel(format!("incomplete quantized tensor {prefix}")));
         };
-        let group = source_group.unwrap_or(32);
+        // A module of a mixed folder has its own entry (mlx-lm's per-layer quantization).
+        let group = source_quantization[prefix.as_str()]["group_size"].as_i64().map(|g| g as i32).or(source_group).unwrap_or(32);
         let in_features = scales.dim(-1) * group;
         let old_bits = weight.dim(-1) * 32 / in_features.max(1);
         arrays.insert(format!("{prefix}.weight"), ops::dequantize(&weight, &scales, &biases, group, old_bits)?.as_dtype(Dtype::Float32)?);
     }
     stack_experts(&mut arrays)?;
+    let model_type = config["model_type"].as_str().unwrap_or_default().to_string();
+    let mut quantization = json!({"group_size": group_size, "bits": bits, "mode": "affine"});
     let mut output: BTreeMap<String, Array> = BTreeMap::new();
     for (name, array) in arrays {
-        if quantizable(&name, &array, group_size) {
-            let prefix = name.trim_end_matches(".weight").to_string();
+        let prefix = name.trim_end_matches(".weight").to_string();
+        let (module_bits, module_group) = family_override(&model_type, &prefix).unwrap_or((bits, group_size));
+        if quantizable(&name, &array, module_group) {
             // Scales keep the weight's dtype, as mlx-lm's convert does.
-            let (weight, scales, biases) = ops::quantize(&array, group_size, bits)?;
+            let (weight, scales, biases) = ops::quantize(&array, module_group, module_bits)?;
             output.insert(format!("{prefix}.weight"), weight);
             output.insert(format!("{prefix}.scales"), scales);
             output.insert(format!("{prefix}.biases"), biases);
+            if family_override(&model_type, &prefix).is_some() {
+                quantization[prefix.as_str()] = json!({"group_size": module_group, "bits": module_bits});
+            }
         } else {
             output.insert(name, array);
         }
@@ -257,7 +278,7 @@ pub fn quantize_folder(source: &Path, out: &Path, bits: i32, group_size: i32) ->
     let count = output.len();
     Array::save_safetensors(output.iter().map(|(k, v)| (k.as_str(), v)), None, out.join("model.safetensors"))
         .map_err(|e| io(&out.join("model.safetensors"), e))?;
-    config["quantization"] = json!({"group_size": group_size, "bits": bits, "mode": "affine"});
+    config["quantization"] = quantization;
     write_json(&out.join("config.json"), &config)?;
     for entry in std::fs::read_dir(source).map_err(|e| io(source, e))? {
         let path = entry.map_err(|e| io(source, e))?.path();

@@ -486,6 +486,39 @@ fn every_family_8bit_matches_mlx_lm_8bit() {
     eprintln!("{}", report.join("\n"));
 }
 
+/// Every family quantized to 4 bits, group 64 (MLX-community's "-4bit" folders, `pull
+/// --quantize 4`) by our converter, against mlx-lm's quantize_model(model, config, 64, 4)
+/// (scripts/reference/make_4bit_references.py), dequantized at load (the CPU policy) and kept
+/// quantized (the quantized matmuls a GPU runs).
+#[test]
+fn every_family_4bit_matches_mlx_lm_4bit() {
+    let _guard = mlx_lock();
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/reference/families-4bit");
+    let root = tempfile::tempdir().unwrap();
+    let mut report = Vec::new();
+    let families = fixtures();
+    for (name, fixture) in &families {
+        let reference: Value = serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap_or_else(|e| panic!("{name}: {e}"))).unwrap();
+        assert_eq!(reference["families_salt"], fixture["salt"], "{name}: made from another recipe");
+        assert_eq!((reference["bits"].as_i64(), reference["group_size"].as_i64()), (Some(4), Some(64)), "{name}");
+        let source = root.path().join(name);
+        write_family_folder(fixture, &source);
+        let out = root.path().join(format!("{name}-4bit"));
+        std::fs::create_dir_all(&out).unwrap();
+        mlxserver::engine::convert::quantize_folder(&source, &out, 4, 64).unwrap();
+        // The same recipe as mlx-lm's, per-family 8-bit modules included (granite, qwen3_moe).
+        let written: Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+        assert_eq!(written["quantization"], reference["config_quantization"], "{name}: config.json quantization block");
+        let model = load(&out, DevicePolicy::new(Backend::Cpu, CpuDtype::Float32));
+        report.push(compare(&format!("{name} 4-bit g64"), &model, fixture, &reference, 5e-4, 1e-3));
+        drop(model);
+        let kept = load(&out, DevicePolicy::new(Backend::Cpu, CpuDtype::Quantized));
+        report.push(compare(&format!("{name} 4-bit g64, kept quantized"), &kept, fixture, &reference, 5e-4, 1e-3));
+    }
+    assert_eq!(report.len(), 2 * families.len());
+    eprintln!("{}", report.join("\n"));
+}
+
 /// An MLX folder with per-layer mixed quantization, as `mlx_lm convert --quant-predicate`
 /// writes them: config.json's `quantization` block has the default (4-bit, group 64) and
 /// entries for single modules (`"model.layers.0.mlp.down_proj": {"group_size": 64, "bits":
