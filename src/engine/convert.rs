@@ -147,8 +147,6 @@ fn architecture_name(arch: &str) -> &'static str {
     }
 }
 
-/// Linear, embedding and expert weights that quantization applies to (what mlx-lm's
-/// `convert -q` quantizes: every layer whose input size divides into groups).
 /// Modules a family keeps at 8 bits, group 64, whatever the requested bits: mlx-lm's models
 /// declare these (`quant_predicate`: granite's o_proj, down_proj and lm_head, whose small
 /// values low-bit scales lose; qwen3_moe's router), so its converted folders, the
@@ -162,6 +160,8 @@ fn family_override(model_type: &str, module: &str) -> Option<(i32, i32)> {
     keep.then_some((8, 64))
 }
 
+/// Linear, embedding and expert weights that quantization applies to (what mlx-lm's
+/// `convert -q` quantizes: every layer whose input size divides into groups).
 fn quantizable(name: &str, array: &Array, group_size: i32) -> bool {
     let linear = [
         ".q_proj.weight",
@@ -259,14 +259,15 @@ pub fn quantize_folder(source: &Path, out: &Path, bits: i32, group_size: i32) ->
     let mut output: BTreeMap<String, Array> = BTreeMap::new();
     for (name, array) in arrays {
         let prefix = name.trim_end_matches(".weight").to_string();
-        let (module_bits, module_group) = family_override(&model_type, &prefix).unwrap_or((bits, group_size));
+        let kept_at = family_override(&model_type, &prefix);
+        let (module_bits, module_group) = kept_at.unwrap_or((bits, group_size));
         if quantizable(&name, &array, module_group) {
             // Scales keep the weight's dtype, as mlx-lm's convert does.
             let (weight, scales, biases) = ops::quantize(&array, module_group, module_bits)?;
             output.insert(format!("{prefix}.weight"), weight);
             output.insert(format!("{prefix}.scales"), scales);
             output.insert(format!("{prefix}.biases"), biases);
-            if family_override(&model_type, &prefix).is_some() {
+            if kept_at.is_some() {
                 quantization[prefix.as_str()] = json!({"group_size": module_group, "bits": module_bits});
             }
         } else {

@@ -103,17 +103,16 @@ impl Linear {
                 // decode step) as B products of one row each, reading the weights B times,
                 // where `[B, K]` is one B-row product that reads them once. (A lone sequence
                 // keeps its shape: two reshapes per layer cost host time on every step.)
+                let product = |rows: &Array| ops::quantized_matmul(rows, &q.weight, &q.scales, &q.biases, true, q.group_size, q.bits);
                 let shape = x.shape();
                 let batched = shape.len() > 2 && shape[..shape.len() - 2].iter().product::<i32>() > 1;
                 if batched {
-                    let columns = shape[shape.len() - 1];
-                    let rows = x.reshape(&[-1, columns])?;
-                    let y = ops::quantized_matmul(&rows, &q.weight, &q.scales, &q.biases, true, q.group_size, q.bits)?;
+                    let y = product(&x.reshape(&[-1, shape[shape.len() - 1]])?)?;
                     let mut out_shape = shape[..shape.len() - 1].to_vec();
                     out_shape.push(y.dim(-1));
                     y.reshape(&out_shape)?
                 } else {
-                    ops::quantized_matmul(x, &q.weight, &q.scales, &q.biases, true, q.group_size, q.bits)?
+                    product(x)?
                 }
             }
         };
@@ -486,7 +485,6 @@ fn write_positions(cache: &Array, update: &Array, start: i32) -> Result<Array> {
         Ok(Array::from_ptr(result))
     }
 }
-
 
 #[cfg(test)]
 mod tests {

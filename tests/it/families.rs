@@ -146,7 +146,7 @@ pub fn check_tokens(name: &str, ours: &[u32], expected: &[u32], margins: &[f64],
     for (step, (a, b)) in ours.iter().zip(expected).enumerate() {
         if a != b {
             let margin = margins.get(step).copied().unwrap_or(0.0);
-            assert!(margin < tolerance, "{name}: token {step} is {a}, mlx-lm chose {b} with a margin of {margin} (ours {ours:?}, expected {expected:?})");
+            assert!(margin < tolerance, "{name}: token {step} is {a}, the reference chose {b} with a margin of {margin} (ours {ours:?}, expected {expected:?})");
             return;
         }
     }
@@ -486,6 +486,15 @@ fn every_family_8bit_matches_mlx_lm_8bit() {
     eprintln!("{}", report.join("\n"));
 }
 
+/// A reference made beside the families fixtures, `tests/fixtures/reference/<kind>/<name>.json`,
+/// checked to come from the same recipe as the family's fixture.
+fn side_reference(kind: &str, name: &str, fixture: &Value) -> Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/reference").join(kind).join(format!("{name}.json"));
+    let reference: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap();
+    assert_eq!(reference["families_salt"], fixture["salt"], "{name}: the {kind} reference was made from another recipe");
+    reference
+}
+
 /// Every family quantized to 4 bits, group 64 (MLX-community's "-4bit" folders, `pull
 /// --quantize 4`) by our converter, against mlx-lm's quantize_model(model, config, 64, 4)
 /// (scripts/reference/make_4bit_references.py), dequantized at load (the CPU policy) and kept
@@ -493,13 +502,11 @@ fn every_family_8bit_matches_mlx_lm_8bit() {
 #[test]
 fn every_family_4bit_matches_mlx_lm_4bit() {
     let _guard = mlx_lock();
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/reference/families-4bit");
     let root = tempfile::tempdir().unwrap();
     let mut report = Vec::new();
     let families = fixtures();
     for (name, fixture) in &families {
-        let reference: Value = serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap_or_else(|e| panic!("{name}: {e}"))).unwrap();
-        assert_eq!(reference["families_salt"], fixture["salt"], "{name}: made from another recipe");
+        let reference = side_reference("families-4bit", name, fixture);
         assert_eq!((reference["bits"].as_i64(), reference["group_size"].as_i64()), (Some(4), Some(64)), "{name}");
         let source = root.path().join(name);
         write_family_folder(fixture, &source);
@@ -644,29 +651,25 @@ fn pull_sharded_bf16_and_mixed_quantized_from_the_hub_then_run_answers() {
 #[test]
 fn sliding_windows_shorter_than_the_chat_match_transformers() {
     let _guard = mlx_lock();
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/reference/windows");
     let root = tempfile::tempdir().unwrap();
     let policy = DevicePolicy::new(Backend::Cpu, CpuDtype::Float32);
+    let windowed: Vec<(String, Value, Value)> = fixtures()
+        .into_iter()
+        .filter(|(name, _)| ["mistral", "gemma2", "gemma3_text"].contains(&name.as_str()))
+        .map(|(name, fixture)| {
+            let reference = side_reference("windows", &name, &fixture);
+            (name, fixture, reference)
+        })
+        .collect();
+    assert_eq!(windowed.len(), 3, "fixtures for mistral, gemma2 and gemma3_text");
     let mut report = Vec::new();
-    for family in ["mistral", "gemma2", "gemma3_text"] {
-        let reference: Value = serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{family}.json"))).unwrap()).unwrap();
-        let (_, fixture) = fixtures().into_iter().find(|(name, _)| name == family).unwrap();
-        assert_eq!(reference["families_salt"], fixture["salt"], "{family}: made from another recipe");
+    for (family, fixture, reference) in &windowed {
         let mut variant = fixture.clone();
         variant["config"] = reference["config"].clone();
         let folder = root.path().join(family);
         write_family_folder(&variant, &folder);
         let model = load(&folder, policy);
-        let expected = ids(&reference["greedy_ids"]);
-        let (first, tokens, _) = run_model(&model, &ids(&reference["prompt_ids"]), expected.len());
-        let logits = floats(&reference["first_logits"]);
-        let spread = logits.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let diff = max_abs_diff(&first, &logits);
-        let matching = tokens.iter().zip(&expected).take_while(|(a, b)| a == b).count();
-        report.push(format!("{family}: window 5 < 28 tokens: max |logit diff| {diff:.2e}, tokens {matching}/{}", expected.len()));
-        assert!(diff <= 2e-4 * spread.max(1.0), "{family}: first-step logits differ by {diff} from transformers'");
-        let margins: Vec<f64> = floats(&reference["margins"]).iter().map(|m| f64::from(*m)).collect();
-        check_tokens(family, &tokens, &expected, &margins, 1e-3);
+        report.push(compare(&format!("{family} window 5 < 28 tokens vs transformers"), &model, fixture, reference, 2e-4, 1e-3));
     }
     eprintln!("{}", report.join("\n"));
 
@@ -674,13 +677,12 @@ fn sliding_windows_shorter_than_the_chat_match_transformers() {
     // under the window masks), then again alone (a prefix-cache hit).
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let engine = Engine::start(EngineConfig::default());
-    for (index, family) in ["mistral", "gemma2", "gemma3_text"].into_iter().enumerate() {
-        let reference: Value = serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{family}.json"))).unwrap()).unwrap();
+    for (index, (family, _, reference)) in windowed.iter().enumerate() {
         let id = 300 + index as u64;
         runtime.block_on(engine.load(id, &root.path().join(family))).unwrap_or_else(|e| panic!("{family}: {e}"));
         let prompt = ids(&reference["prompt_ids"]);
         let expected = ids(&reference["greedy_ids"]);
-        let margins: Vec<f64> = floats(&reference["margins"]).iter().map(|m| f64::from(*m)).collect();
+        let margins = margins_of(reference);
         let shorter = prompt[3..].to_vec();
         let longer: Vec<u32> = prompt.iter().copied().chain([5, 6, 7]).collect();
         let answers = runtime.block_on(futures::future::join_all([prompt.clone(), shorter, longer].into_iter().map(|tokens| {
@@ -745,13 +747,11 @@ fn write_f16_folder(fixture: &Value, config: &Value, dir: &Path) {
 #[test]
 fn every_family_loads_float16_like_transformers() {
     let _guard = mlx_lock();
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/reference/float16");
     let root = tempfile::tempdir().unwrap();
     let mut report = Vec::new();
     let families = fixtures();
     for (name, fixture) in &families {
-        let reference: Value = serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap_or_else(|e| panic!("{name}: {e}"))).unwrap();
-        assert_eq!(reference["families_salt"], fixture["salt"], "{name}: made from another recipe");
+        let reference = side_reference("float16", name, fixture);
         let folder = root.path().join(format!("{name}-f16"));
         write_f16_folder(fixture, &reference["config"], &folder);
         let upcast = load(&folder, DevicePolicy::new(Backend::Cpu, CpuDtype::Float32));

@@ -661,12 +661,7 @@ fn gguf_files_match_llama_cpp_converter_and_mlx_lm() {
                     failures.push(format!("{arch} {outtype}: first-step logits differ by {diff} from llama.cpp's"));
                     continue;
                 }
-                if let Some(step) = tokens.iter().zip(&lcp_tokens).position(|(a, b)| a != b) {
-                    let margin = lcp_margins.get(step).copied().unwrap_or(0.0);
-                    if margin >= LLAMA_CPP_MARGIN {
-                        failures.push(format!("{arch} {outtype}: token {step} is {}, llama.cpp chose {} with a margin of {margin:.3} (ours {tokens:?}, llama.cpp {lcp_tokens:?})", tokens[step], lcp_tokens[step]));
-                    }
-                }
+                check_tokens(&format!("{arch} {outtype} vs llama.cpp"), &tokens, &lcp_tokens, &lcp_margins, LLAMA_CPP_MARGIN);
             }
             let spread = reference.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             let diff = max_abs_diff(&first, &reference);
