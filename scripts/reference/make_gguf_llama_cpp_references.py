@@ -58,6 +58,18 @@ def run_llama_cpp(path: Path, prompt: list[int], n_ctx: int) -> dict:
     return {"first_logits": [float(v) for v in first], "greedy_ids": tokens, "margins": margins}
 
 
+def try_salts(lcp: Path, tmp: Path, arch: str, fixture: dict, salts: int):
+    for salt in range(salts):
+        variant = gguf_refs.variant_fixture(arch, fixture, salt)
+        folder = tmp / f"{arch}-{salt}" / "tiny"
+        gguf_refs.write_folder(folder, variant)
+        path = folder.parent / "tiny-f32.gguf"
+        gguf_refs.run_converter(lcp, folder, path, "f32")
+        run = run_llama_cpp(path, variant["prompt_ids"], int(variant["config"]["max_position_embeddings"]))
+        print(f"[{arch}] salt {salt}: {len(set(run['greedy_ids']))} distinct, min margin {min(run['margins']):.3g}, "
+              f"greedy {run['greedy_ids']}", flush=True)
+
+
 def main():
     import llama_cpp
 
@@ -65,6 +77,9 @@ def main():
     ap.add_argument("--llama-cpp", default=str(gguf_refs.DEFAULT_LCP))
     ap.add_argument("--only", default="")
     ap.add_argument("--out", default=str(OUT_DIR))
+    ap.add_argument("--try-salts", type=int, default=0,
+                    help="for an architecture with a variant (make_gguf_references.VARIANTS): print the "
+                         "greedy path for salts 0..N-1 instead of writing the reference")
     args = ap.parse_args()
     lcp = Path(args.llama_cpp)
     out = Path(args.out)
@@ -75,6 +90,10 @@ def main():
             if args.only and arch not in args.only.split(","):
                 continue
             fixture = json.loads((gguf_refs.FAMILIES_DIR / f"{family}.json").read_text())
+            if args.try_salts and arch in gguf_refs.VARIANTS:
+                try_salts(lcp, tmp, arch, fixture, args.try_salts)
+                continue
+            fixture = gguf_refs.variant_fixture(arch, fixture) or fixture
             folder = tmp / family / "tiny"
             gguf_refs.write_folder(folder, fixture)
             # The model's whole context, as mlxserver runs it: llama.cpp picks some settings by

@@ -63,6 +63,60 @@ ARCHS = {
 # Arrays longer than this are recorded as length + sha256 (the tokenizer's).
 SHORT_ARRAY = 64
 
+# Architectures whose converter cannot take the families model as it is: the config changes
+# that make it convertible. llama.cpp's qwen3moe has no dense layers (every block has
+# experts), so the variant makes layer 0 sparse as well: its router and experts follow the
+# recipe of layer 1's (same distributions, seeds from the same formula on their own names).
+# The variant has its own salt (every seed recomputed with it): with the families salt the
+# greedy path under llama.cpp repeats one token; salt 0..23 were tried with
+# `make_gguf_llama_cpp_references.py --only qwen3moe --try-salts 24` and this one gives the
+# most distinct greedy ids, then the largest smallest margin.
+VARIANTS = {
+    "qwen3moe": {"changes": {"mlp_only_layers": []}, "salt": 21},
+}
+
+
+def fnv1a64(text: str) -> int:
+    h = 0xCBF29CE484222325
+    for byte in text.encode():
+        h = ((h ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def variant_fixture(arch: str, fixture: dict, salt: int | None = None) -> dict | None:
+    """The families fixture with VARIANTS[arch] applied: config and tensor recipe (the
+    prompt stays; mlx-lm's numbers do not apply to it)."""
+    if arch not in VARIANTS:
+        return None
+    assert arch == "qwen3moe", "only qwen3moe's variant is written here"
+    changes = VARIANTS[arch]["changes"]
+    family = fixture["family"]
+    salt = VARIANTS[arch]["salt"] if salt is None else salt
+    config = dict(fixture["config"], **changes)
+    layers = config["num_hidden_layers"]
+    by_name = {t["name"]: t for t in fixture["tensors"]}
+    # a sparse layer of the original (the pattern every layer now follows)
+    sparse = next(l for l in range(layers) if f"model.layers.{l}.mlp.gate.weight" in by_name)
+    tensors = []
+    for t in fixture["tensors"]:
+        prefix = "model.layers."
+        if t["name"].startswith(prefix):
+            layer = int(t["name"][len(prefix):].split(".")[0])
+            if layer not in config["mlp_only_layers"] and ".mlp." in t["name"] and f"model.layers.{layer}.mlp.gate.weight" not in by_name:
+                continue  # the dense MLP of a layer that becomes sparse
+        tensors.append(dict(t, seed=fnv1a64(f"{family}/{salt}/{t['name']}") & ((1 << 52) - 1)))
+        if t["name"].endswith("self_attn.k_norm.weight"):
+            layer = int(t["name"][len(prefix):].split(".")[0])
+            if f"model.layers.{layer}.mlp.gate.weight" in by_name or layer in config["mlp_only_layers"]:
+                continue
+            for pattern in [x for x in fixture["tensors"] if x["name"].startswith(f"model.layers.{sparse}.mlp.")]:
+                name = pattern["name"].replace(f"model.layers.{sparse}.", f"model.layers.{layer}.", 1)
+                seed = fnv1a64(f"{family}/{salt}/{name}") & ((1 << 52) - 1)
+                tensors.append(dict(pattern, name=name, seed=seed))
+    seeds = [t["seed"] for t in tensors]
+    assert len(set(seeds)) == len(seeds)
+    return dict(fixture, config=config, tensors=tensors, variant_changes=changes, variant_salt=salt)
+
 
 def splitmix64(x: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore"):
@@ -247,6 +301,8 @@ def main():
                 continue
             print(f"[{arch}] from families/{family}.json", flush=True)
             fixture = json.loads((FAMILIES_DIR / f"{family}.json").read_text())
+            variant = variant_fixture(arch, fixture)
+            fixture = variant or fixture
             # the folder's name becomes general.name; keep it fixed
             folder = tmp / family / "tiny"
             write_folder(folder, fixture)
@@ -281,6 +337,10 @@ def main():
                 },
                 "files": files,
             }
+            if variant:
+                # what the Rust test builds instead of the families model (config and recipe)
+                rec["variant"] = {"changes": variant["variant_changes"], "salt": variant["variant_salt"],
+                                  "config": variant["config"], "tensors": variant["tensors"]}
             if refused:
                 rec["converter_refused"] = refused
             path = out / f"{arch}.json"
