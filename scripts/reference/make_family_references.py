@@ -3,7 +3,7 @@
 
 Writes tests/fixtures/reference/families/<family>.json for llama (llama3 rope_scaling), mistral,
 qwen2, phi3 (longrope, partial rotary), qwen3, qwen3_moe, gemma2, gemma3_text, smollm3, olmo2,
-granite and mixtral. The reference is mlx-lm's own model classes (mlx-lm 0.32.2, mlx 0.32.4),
+granite, mixtral and exaone4. The reference is mlx-lm's own model classes (mlx-lm 0.32.2, mlx 0.32.4),
 run on the CPU in float32. See FAMILIES.md beside this file for the fixture keys and for the
 mlx-lm semantics a Rust implementation must match, per family, with file/function citations.
 
@@ -19,7 +19,7 @@ head_dim 16, intermediate 128, MoE 4 experts top-2 with expert size 32 for qwen3
 mixtral, vocab 512, max_position_embeddings 4096); generate every tensor, in Hugging Face
 naming and shapes, from the recipe below; write model.safetensors + config.json to a temp
 folder; load it with mlx_lm.utils.load_model (so the model's sanitize() runs); feed a 12-token
-prompt (numpy default_rng(1000 + index of the family in sorted order), ids in 1..511) in one call
+prompt (numpy default_rng(1000 + index of the family in PROMPT_ORDER), ids in 1..511) in one call
 with mlx_lm.models.cache.make_prompt_cache(model), then greedy-decode 16 tokens one per call.
 For llama, phi3, qwen3, gemma3_text and mixtral also quantize the float32 model with
 mlx_lm.utils.quantize_model(model, config, 32, 4) (what `mlx_lm convert -q --q-bits 4
@@ -75,6 +75,8 @@ mlx-lm semantics a Rust implementation must match (details and citations in FAMI
 - olmo2: q_norm/k_norm over the full projection before the head reshape; post-norm residuals.
 - granite: embedding_multiplier, attention_multiplier as softmax scale, residual_multiplier on
   both branches, logits divided by logits_scaling.
+- exaone4: olmo2's post-norm block with per-head q/k norms; sliding_window_pattern "LG": 'L'
+  layers RoPE + window (RotatingKVCache), 'G' layers no RoPE and no window.
 """
 from __future__ import annotations
 
@@ -110,17 +112,32 @@ Q_BITS = 4
 Q_GROUP = 32
 Q8_BITS = 8
 Q8_GROUP = 64
-# Per-layer mixed quantization (llama, qwen3): default 4-bit group 64; layer 0's down_proj in
+# Per-layer mixed quantization (llama, qwen3, exaone4, qwen3_moe): default 4-bit group 64; layer 0's down_proj in
 # 8-bit group 64; layer 1's v_proj in 8-bit group 32 (a group size other than the default);
 # one module left in float32 (predicate False: no entry in config, no scales in the weights):
-# llama's lm_head, qwen3's (tied, no lm_head) layer 1 up_proj.
-MIXED_UNQUANTIZED = {"llama": ["lm_head"], "qwen3": ["model.layers.1.mlp.up_proj"]}
+# llama's lm_head, qwen3's (tied, no lm_head) layer 1 up_proj, exaone4's layer 0 o_proj,
+# qwen3_moe's layer 1 router.
+MIXED_UNQUANTIZED = {
+    "llama": ["lm_head"],
+    "qwen3": ["model.layers.1.mlp.up_proj"],
+    "exaone4": ["model.layers.0.self_attn.o_proj"],
+    "qwen3_moe": ["model.layers.1.mlp.gate"],
+}
 MIXED_FAMILIES = tuple(MIXED_UNQUANTIZED)
 MIXED_BITS = 4
 MIXED_GROUP = 64
 MIXED_OVERRIDES = {
     "model.layers.0.mlp.down_proj": {"group_size": 64, "bits": 8},
     "model.layers.1.self_attn.v_proj": {"group_size": 32, "bits": 8},
+}
+# qwen3_moe: layer 1's stacked experts (mlx-lm's switch_mlp) have their own entries, as
+# mlx-community's mixed MoE recipes do (down_proj, 32 wide here, is below the group size and
+# stays float, as mlx-lm leaves it); its router stays float.
+MIXED_FAMILY_OVERRIDES = {
+    "qwen3_moe": {
+        "model.layers.1.mlp.switch_mlp.up_proj": {"group_size": 32, "bits": 8},
+        "model.layers.1.mlp.switch_mlp.gate_proj": {"group_size": 64, "bits": 8},
+    },
 }
 
 # ----------------------------------------------------------------------------------------
@@ -300,11 +317,11 @@ def tensors_for(family, cfg):
                 t,
                 p,
                 bias=(family == "qwen2"),
-                qk_norm={"qwen3": "head", "gemma3_text": "head", "olmo2": "full"}.get(family),
+                qk_norm={"qwen3": "head", "gemma3_text": "head", "exaone4": "head", "olmo2": "full"}.get(family),
                 gemma=gemma,
             )
             dense_mlp(t, p)
-        if family == "olmo2":
+        if family in ("olmo2", "exaone4"):
             t.add(f"{p}.post_attention_layernorm.weight", (H,), "norm")
             t.add(f"{p}.post_feedforward_layernorm.weight", (H,), "norm")
         else:
@@ -528,6 +545,26 @@ FAMILIES = {
         quantize=False,
         notes=["attention_multiplier 0.2 replaces 1/sqrt(head_dim)=0.25 as the softmax scale."],
     ),
+    "exaone4": dict(
+        config=base_config(
+            "exaone4",
+            "Exaone4ForCausalLM",
+            rope_theta=1000000.0,
+            rms_norm_eps=1e-5,
+            sliding_window=8,
+            sliding_window_pattern="LG",
+            layer_types=["sliding_attention", "full_attention"],
+            rope_scaling=None,
+            tie_word_embeddings=False,
+        ),
+        quantize=False,
+        sliding=True,
+        notes=[
+            "layer 0 is local (pattern 'L': RoPE, sliding window 8 via RotatingKVCache); layer 1 "
+            "is global ('G': no RoPE at all, full causal mask). Per-head q/k norms, post-norm "
+            "residuals only (as olmo2, no input norms)."
+        ],
+    ),
     "mixtral": dict(
         config=base_config(
             "mixtral",
@@ -543,6 +580,12 @@ FAMILIES = {
         notes=["experts use intermediate_size (128); 4 experts, top-2."],
     ),
 }
+
+# The prompt of a family is drawn with seed 1000 + its index here: the twelve first families
+# in sorted order (as when they were written), later families appended, so adding one does
+# not change the others' prompts.
+PROMPT_ORDER = sorted(set(FAMILIES) - {"exaone4"}) + ["exaone4"]
+assert sorted(PROMPT_ORDER) == sorted(FAMILIES)
 
 # Weight distribution per tensor kind: (offset, scale); value uniform on
 # [offset-scale, offset+scale], std = scale/sqrt(3).
@@ -688,7 +731,7 @@ def evaluate(family, spec, tmp: Path, salt: int):
     r0 = recipe[0]
     assert emb.tobytes() == recipe_values(
         r0["shape"], r0["seed"], r0["offset"], r0["scale"]).tobytes()
-    rng = np.random.default_rng(1000 + sorted(FAMILIES).index(family))
+    rng = np.random.default_rng(1000 + PROMPT_ORDER.index(family))
     prompt = [int(x) for x in rng.integers(1, VOCAB, size=PROMPT_LEN)]
     ids, first, last, margins = greedy(model, prompt)
     res = dict(salt=salt, recipe=recipe, folder=folder, model=model, emb=emb, prompt=prompt,
@@ -895,8 +938,9 @@ def mixed_predicate(family, path, module):
     """Per-layer mixed quantization, as mlx-lm's convert --quant-predicate recipes do:
     a dict overrides the default for that module (recorded in config.json's quantization
     block under the module path), False leaves the module in float."""
-    if path in MIXED_OVERRIDES:
-        return dict(MIXED_OVERRIDES[path])
+    overrides = {**MIXED_OVERRIDES, **MIXED_FAMILY_OVERRIDES.get(family, {})}
+    if path in overrides:
+        return dict(overrides[path])
     if path in MIXED_UNQUANTIZED[family]:
         return False
     return True

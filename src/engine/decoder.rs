@@ -20,7 +20,7 @@ use super::EngineError;
 
 /// The model families this engine runs, by Hugging Face `model_type`.
 pub const SUPPORTED_FAMILIES: &[&str] = &[
-    "llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "phi3", "gemma2", "gemma3_text", "smollm3", "olmo2", "granite", "mixtral",
+    "llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "phi3", "gemma2", "gemma3_text", "smollm3", "olmo2", "granite", "mixtral", "exaone4",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -297,6 +297,32 @@ impl DecoderConfig {
                     })
                     .collect()
             }
+            "exaone4" => {
+                // transformers: `layer_types`, else `sliding_window_pattern` ("LLLG": a letter
+                // per layer, repeating; n: every n-th layer global); no window configured means
+                // every layer global. When there is a window, global layers have no RoPE.
+                let layer_types: Vec<&str> = config["layer_types"].as_array().map(|l| l.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+                let pattern = &config["sliding_window_pattern"];
+                let sliding = |i: usize| -> bool {
+                    if window.is_none() {
+                        return false;
+                    }
+                    if let Some(kind) = layer_types.get(i) {
+                        return *kind == "sliding_attention";
+                    }
+                    match (pattern.as_str(), pattern.as_u64()) {
+                        (Some(letters), _) if !letters.is_empty() => letters.as_bytes()[i % letters.len()] == b'L',
+                        (_, Some(every)) if every > 0 => (i + 1) % every as usize != 0,
+                        _ => false,
+                    }
+                };
+                (0..num_layers)
+                    .map(|i| {
+                        let local = sliding(i);
+                        LayerKind { rope: (local || window.is_none()).then_some(0), window: if local { window } else { None }, moe: false }
+                    })
+                    .collect()
+            }
             "mistral" | "mixtral" | "qwen2" | "qwen3" | "qwen3_moe" => {
                 let use_window = family == "mistral" || family == "mixtral" || config["use_sliding_window"].as_bool().unwrap_or(false);
                 (0..num_layers).map(|i| LayerKind { rope: Some(0), window: if use_window { window } else { None }, moe: moe_layer(i) }).collect()
@@ -352,11 +378,11 @@ impl DecoderConfig {
             norm_offset: gemma,
             layout: match family.as_str() {
                 "gemma2" | "gemma3_text" => BlockLayout::Sandwich,
-                "olmo2" => BlockLayout::PostNorm,
+                "olmo2" | "exaone4" => BlockLayout::PostNorm,
                 _ => BlockLayout::PreNorm,
             },
             qk_norm: match family.as_str() {
-                "qwen3" | "qwen3_moe" | "gemma3_text" => QkNorm::PerHead,
+                "qwen3" | "qwen3_moe" | "gemma3_text" | "exaone4" => QkNorm::PerHead,
                 "olmo2" => QkNorm::Full,
                 _ => QkNorm::None,
             },
