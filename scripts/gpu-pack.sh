@@ -13,11 +13,15 @@
 #   --server-only   only the mlxserver binary, MLX's CUDA build and the tokenizer (the
 #                   `memory` stage of bench/gpu/remote.sh); no wheels, no llama.cpp.
 #   --no-llama      everything but llama.cpp (the `engine` and `memory` stages in one session).
+#   --tests         --server-only, plus the stripped integration-test binary as .gpu/it.xz
+#                   (the `families` stage: every model family on the GPU).
 set -euo pipefail
 engine_only=0 server_only=0 no_llama=0
 [ "${1:-}" = "--engine-only" ] && engine_only=1
 [ "${1:-}" = "--server-only" ] && server_only=1
 [ "${1:-}" = "--no-llama" ] && no_llama=1
+tests=0
+[ "${1:-}" = "--tests" ] && server_only=1 tests=1
 here="$(cd "$(dirname "$0")" && pwd)"
 cd "$here/.."
 . "$here/env.sh"
@@ -59,3 +63,9 @@ rm -rf "$home"
 rm -rf .gpu && mkdir -p .gpu
 tar cf - -C "$stage" . | xz -T2 -6 | split -b 55M - .gpu/part-
 ls -la .gpu
+if [ "$tests" = 1 ]; then
+  it=$(cargo test --locked --test it --no-run 2>&1 | grep -oE '/[^ )]*/deps/it-[0-9a-f]+' | tail -1)
+  strip -o "$stage/it" "$it" && xz -T2 -6 -c "$stage/it" >.gpu/it.xz && rm "$stage/it"
+  pwd >.gpu/it.dir  # where the binary looks for tests/fixtures
+  ls -la .gpu/it.xz
+fi

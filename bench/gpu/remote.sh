@@ -9,6 +9,7 @@
 #   remote.sh ours         mlxserver: engine bench (batch 1, 16), served first-request latency,
 #                          GGUF pull and serve
 #   remote.sh memory       the served path's MLX and GPU memory over rounds of 16 streams
+#   remote.sh families     every model family on the GPU against mlx-lm (needs .gpu/it.xz)
 #   remote.sh decode       batch-1 decode split into build/launch/wait, ours and mlx-lm's
 #   remote.sh kernels      GPU time per kernel over one decode step, ours and mlx-lm's (ncu)
 # Results are JSON lines in $OUT/results.jsonl, logs in $OUT.
@@ -26,13 +27,18 @@ gpu_mem() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | h
 
 case "$stage" in
 receive)
-  cp .gpu/part-* "$W/" && ls -la "$W" | grep part- ;;
+  cp .gpu/* "$W/" && ls -la "$W" | grep -E "part-|it.xz" ;;
 setup)
   cd "$W" && cat part-* | python3 -c "import sys,tarfile; tarfile.open(fileobj=sys.stdin.buffer, mode='r|xz').extractall('$W/b')" || exit 1
   # MLX's CUDA build and its Python packages go where the NVIDIA libraries are: libmlx's
   # RPATH is $ORIGIN/../../nvidia/..., and the mlx wheel's core module finds mlx/lib beside it.
   cp -r "$W"/b/mlx-cuda/mlx "$SP/" && cp -r "$W"/b/mlx-cuda/mlx_cuda_13* "$SP/" 2>/dev/null
   for wheel in "$W"/b/wheels/*.whl; do (cd "$SP" && python3 -m zipfile -e "$wheel" .); done
+  # MLX compiles some kernels at run time (the quantized matmuls of small shapes) against the
+  # pip CUDA headers; this image's nvidia/cu13/include has no crt/ (CUDA 13 ships it as its own
+  # wheel, nvidia-cuda-crt), so take it from the system toolkit when there is one.
+  crt=$(ls -d /usr/local/cuda*/targets/x86_64-linux/include/crt 2>/dev/null | head -1)
+  [ -d "$SP/nvidia/cu13/include/crt" ] || [ -z "$crt" ] || cp -r "$crt" "$SP/nvidia/cu13/include/"
   chmod +x "$W"/b/bin/*
   python3 -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_device(), mx.cuda.is_available())"
   [ -d "$W/b/kernels" ] && cp -r "$W/b/kernels" "$W/"
@@ -120,6 +126,16 @@ engine)
   MLXSERVER_PROFILE=1 "$B/engine_bench" "$Q" --prompt-tokens 512 --decode-tokens 128 --runs 3 --batch 16 2>"$OUT/engine16.log" | tee -a "$OUT/results.jsonl"; grep "decode profile" "$OUT/engine16.log" | tail -1
   for b in 1 16; do python3 -m mlx_lm benchmark --model "$Q" -p 512 -g 128 -b "$b" -n 3 2>&1 | tail -1; done
   python3 "$(dirname "$0")/../mlx_lm_bench.py" "$Q" --prompt-tokens 512 --decode-tokens 128 --runs 3 --label "mlx-lm 0.32.2 (same folder)" | tee -a "$OUT/results.jsonl" ;;
+families)
+  # Every model family on the GPU against mlx-lm's references (tests/it/families.rs,
+  # every_family_on_this_machines_gpu): the integration-test binary carried as .gpu/it.xz
+  # (scripts/gpu-pack.sh --tests); it reads its fixtures where it was built, so that path
+  # points at this copy of the repository.
+  [ -x "$W/it" ] || { xz -dc "$W/it.xz" >"$W/it" && chmod +x "$W/it"; } || exit 1
+  repo="$(cd "$(dirname "$0")/../.." && pwd)"
+  built="$(cat "$W/it.dir")"
+  [ -e "$built" ] || { mkdir -p "$(dirname "$built")" && ln -s "$repo" "$built"; }
+  "$W/it" --ignored --exact families::every_family_on_this_machines_gpu --nocapture --test-threads=1 2>&1 | grep -vE "^\s+[0-9]+:|^\s+at " | tail -40 ;;
 decode)
   # Decode only, on the same 4-bit folder for us and mlx-lm: the server's MLX buffer-cache
   # bound against an unbounded one (is a freed buffer reallocated every step?).

@@ -154,6 +154,19 @@ pub struct WeightPolicy {
     /// Dtype of dense weights, norms, quantization scales and biases, and so of every
     /// activation: one dtype through the whole forward pass, so MLX never promotes.
     pub dtype: Dtype,
+    /// Quantized weights with fewer input columns than this are dequantized at load. MLX
+    /// 0.32.4's CUDA quantized matmul returns wrong values (or inf) for 64 input columns
+    /// (one group of 64) and more than one row, and right ones from 128 up (measured on an
+    /// H200, tests/it/families.rs every_family_on_this_machines_gpu); no released model is
+    /// that narrow, the tiny test models are.
+    pub dense_below_width: i32,
+}
+
+impl WeightPolicy {
+    /// Whether a quantized weight of `in_features` input columns is held dense.
+    pub fn dense_for(&self, in_features: i32) -> bool {
+        self.dense || in_features < self.dense_below_width
+    }
 }
 
 /// The rule a load applies once it knows the checkpoint's own dtype.
@@ -173,10 +186,10 @@ impl DevicePolicy {
     pub fn for_model(self, native: Dtype) -> WeightPolicy {
         match self.backend {
             Backend::Cpu => match self.cpu_dtype {
-                CpuDtype::Float32 => WeightPolicy { dense: true, dtype: Dtype::Float32 },
-                CpuDtype::Float16 => WeightPolicy { dense: true, dtype: Dtype::Float16 },
-                CpuDtype::Bfloat16 => WeightPolicy { dense: true, dtype: Dtype::Bfloat16 },
-                CpuDtype::Quantized => WeightPolicy { dense: false, dtype: Dtype::Float32 },
+                CpuDtype::Float32 => WeightPolicy { dense: true, dtype: Dtype::Float32, dense_below_width: 0 },
+                CpuDtype::Float16 => WeightPolicy { dense: true, dtype: Dtype::Float16, dense_below_width: 0 },
+                CpuDtype::Bfloat16 => WeightPolicy { dense: true, dtype: Dtype::Bfloat16, dense_below_width: 0 },
+                CpuDtype::Quantized => WeightPolicy { dense: false, dtype: Dtype::Float32, dense_below_width: 0 },
             },
             Backend::Metal | Backend::Cuda => {
                 let dtype = match native {
@@ -187,7 +200,7 @@ impl DevicePolicy {
                     _ if self.backend == Backend::Metal => Dtype::Float16,
                     _ => Dtype::Bfloat16,
                 };
-                WeightPolicy { dense: false, dtype }
+                WeightPolicy { dense: false, dtype, dense_below_width: if self.backend == Backend::Cuda { 128 } else { 0 } }
             }
         }
     }
@@ -200,10 +213,14 @@ mod tests {
     #[test]
     fn gpus_compute_in_the_checkpoint_dtype() {
         let cuda = DevicePolicy::new(Backend::Cuda, CpuDtype::Float32);
-        assert_eq!(cuda.for_model(Dtype::Bfloat16), WeightPolicy { dense: false, dtype: Dtype::Bfloat16 });
-        assert_eq!(cuda.for_model(Dtype::Float16), WeightPolicy { dense: false, dtype: Dtype::Float16 });
+        assert_eq!(cuda.for_model(Dtype::Bfloat16), WeightPolicy { dense: false, dtype: Dtype::Bfloat16, dense_below_width: 128 });
+        assert_eq!(cuda.for_model(Dtype::Float16), WeightPolicy { dense: false, dtype: Dtype::Float16, dense_below_width: 128 });
         assert_eq!(cuda.for_model(Dtype::Float32).dtype, Dtype::Bfloat16);
+        // one group of 64 columns goes dense on CUDA; 128 and real widths stay quantized
+        let policy = cuda.for_model(Dtype::Bfloat16);
+        assert!(policy.dense_for(64) && !policy.dense_for(128) && !policy.dense_for(4096));
+        assert!(!DevicePolicy::new(Backend::Metal, CpuDtype::Float32).for_model(Dtype::Float16).dense_for(64));
         assert_eq!(DevicePolicy::new(Backend::Metal, CpuDtype::Float32).for_model(Dtype::Float32).dtype, Dtype::Float16);
-        assert_eq!(DevicePolicy::new(Backend::Cpu, CpuDtype::Float32).for_model(Dtype::Bfloat16), WeightPolicy { dense: true, dtype: Dtype::Float32 });
+        assert_eq!(DevicePolicy::new(Backend::Cpu, CpuDtype::Float32).for_model(Dtype::Bfloat16), WeightPolicy { dense: true, dtype: Dtype::Float32, dense_below_width: 0 });
     }
 }

@@ -214,7 +214,7 @@ impl Tensors {
     }
 
     fn linear(&mut self, prefix: &str, policy: WeightPolicy) -> Result<Linear> {
-        let weight = self.weight(prefix)?.prepared(policy.dense, policy.dtype)?;
+        let weight = self.weight(prefix)?.prepared(policy)?;
         let bias = match self.take_optional(&format!("{prefix}.bias")) {
             Some(bias) => Some(bias.as_dtype(policy.dtype)?),
             None => None,
@@ -282,7 +282,7 @@ impl Tensors {
     fn experts(&mut self, prefix: &str, stacked: &str, per_expert: &str, count: i32, policy: WeightPolicy) -> Result<Experts> {
         let stacked_name = format!("{prefix}.switch_mlp.{stacked}");
         if self.arrays.contains_key(&format!("{stacked_name}.weight")) {
-            return Ok(Experts { weight: self.weight(&stacked_name)?.prepared(policy.dense, policy.dtype)? });
+            return Ok(Experts { weight: self.weight(&stacked_name)?.prepared(policy)? });
         }
         let mut parts = Vec::with_capacity(count as usize);
         for expert in 0..count {
@@ -291,7 +291,7 @@ impl Tensors {
                 Weight::Quantized(_) => return Err(invalid(&self.source, format!("{prefix}: per-expert quantized weights are not supported"))),
             }
         }
-        Ok(Experts { weight: Weight::Dense(ops::stack(&parts, 0)?).prepared(policy.dense, policy.dtype)? })
+        Ok(Experts { weight: Weight::Dense(ops::stack(&parts, 0)?).prepared(policy)? })
     }
 }
 
@@ -327,7 +327,7 @@ fn build_decoder(mut tensors: Tensors, config_json: &Value, config: DecoderConfi
         }
     }
     let embed = tensors.weight("model.embed_tokens")?;
-    let embed_tokens = Embedding { table: embed.prepared(policy.dense, policy.dtype)? };
+    let embed_tokens = Embedding { table: embed.prepared(policy)? };
     let mut layers = Vec::with_capacity(config.num_layers);
     for (index, kind) in config.layers.iter().enumerate() {
         let prefix = format!("model.layers.{index}");

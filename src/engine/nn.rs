@@ -4,6 +4,7 @@
 use mlx_rs::ops::indexing::IndexOp;
 use mlx_rs::{ops, Array, Dtype};
 
+use super::device::WeightPolicy;
 use super::EngineError;
 
 pub type Result<T> = std::result::Result<T, EngineError>;
@@ -44,9 +45,20 @@ impl Weight {
         }
     }
 
-    /// The same weight, dequantized to `dtype` when `dense` is asked for; dense weights are
-    /// cast to `dtype`.
-    pub fn prepared(self, dense: bool, dtype: Dtype) -> Result<Weight> {
+    /// Input columns of the matrix (`[out, in]`; packed quantized rows hold 32/bits each).
+    pub fn in_features(&self) -> i32 {
+        match self {
+            Weight::Dense(array) => array.shape().last().copied().unwrap_or(0),
+            Weight::Quantized(q) => q.weight.shape().last().copied().unwrap_or(0) * 32 / q.bits.max(1),
+        }
+    }
+
+    /// The same weight as `policy` holds it: dequantized to its dtype where it asks for dense
+    /// weights (see `WeightPolicy::dense_for`), else quantized with scales in its dtype; dense
+    /// weights cast to its dtype.
+    pub fn prepared(self, policy: WeightPolicy) -> Result<Weight> {
+        let dense = policy.dense_for(self.in_features());
+        let dtype = policy.dtype;
         Ok(match self {
             Weight::Quantized(q) if dense => Weight::Dense(q.dequantize()?.as_dtype(dtype)?),
             // Scales and biases in the activation dtype: a mix makes MLX promote the whole
