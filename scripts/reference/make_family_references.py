@@ -3,7 +3,7 @@
 
 Writes tests/fixtures/reference/families/<family>.json for llama (llama3 rope_scaling), mistral,
 qwen2, phi3 (longrope, partial rotary), qwen3, qwen3_moe, gemma2, gemma3_text, smollm3, olmo2,
-granite, mixtral and exaone4. The reference is mlx-lm's own model classes (mlx-lm 0.32.2, mlx 0.32.4),
+granite, mixtral, exaone4 and cohere2. The reference is mlx-lm's own model classes (mlx-lm 0.32.2, mlx 0.32.4),
 run on the CPU in float32. See FAMILIES.md beside this file for the fixture keys and for the
 mlx-lm semantics a Rust implementation must match, per family, with file/function citations.
 
@@ -77,6 +77,9 @@ mlx-lm semantics a Rust implementation must match (details and citations in FAMI
   both branches, logits divided by logits_scaling.
 - exaone4: olmo2's post-norm block with per-head q/k norms; sliding_window_pattern "LG": 'L'
   layers RoPE + window (RotatingKVCache), 'G' layers no RoPE and no window.
+- cohere2: one LayerNorm (weight only) feeding attention and MLP in parallel; traditional
+  (interleaved) RoPE on local layers only; layer i global iff i % pattern == pattern - 1;
+  tied logits multiplied by logit_scale.
 """
 from __future__ import annotations
 
@@ -321,7 +324,9 @@ def tensors_for(family, cfg):
                 gemma=gemma,
             )
             dense_mlp(t, p)
-        if family in ("olmo2", "exaone4"):
+        if family == "cohere2":
+            t.add(f"{p}.input_layernorm.weight", (H,), "norm")
+        elif family in ("olmo2", "exaone4"):
             t.add(f"{p}.post_attention_layernorm.weight", (H,), "norm")
             t.add(f"{p}.post_feedforward_layernorm.weight", (H,), "norm")
         else:
@@ -565,6 +570,28 @@ FAMILIES = {
             "residuals only (as olmo2, no input norms)."
         ],
     ),
+    "cohere2": dict(
+        config=base_config(
+            "cohere2",
+            "Cohere2ForCausalLM",
+            rope_theta=10000.0,
+            layer_norm_eps=1e-5,
+            logit_scale=0.25,
+            sliding_window=8,
+            sliding_window_pattern=2,
+            layer_types=["sliding_attention", "full_attention"],
+            attention_bias=False,
+            layer_norm_bias=False,
+            tie_word_embeddings=True,
+        ),
+        quantize=False,
+        sliding=True,
+        notes=[
+            "parallel block: out = x + attn(ln(x)) + mlp(ln(x)) with one LayerNorm (no bias); "
+            "interleaved (traditional) RoPE on the local layer 0 only (window 8); layer 1 is "
+            "global without RoPE; tied logits times logit_scale 0.25."
+        ],
+    ),
     "mixtral": dict(
         config=base_config(
             "mixtral",
@@ -581,10 +608,13 @@ FAMILIES = {
     ),
 }
 
+# Cohere 2 configs name their epsilon layer_norm_eps only.
+del FAMILIES["cohere2"]["config"]["rms_norm_eps"]
+
 # The prompt of a family is drawn with seed 1000 + its index here: the twelve first families
 # in sorted order (as when they were written), later families appended, so adding one does
 # not change the others' prompts.
-PROMPT_ORDER = sorted(set(FAMILIES) - {"exaone4"}) + ["exaone4"]
+PROMPT_ORDER = sorted(set(FAMILIES) - {"exaone4", "cohere2"}) + ["exaone4", "cohere2"]
 assert sorted(PROMPT_ORDER) == sorted(FAMILIES)
 
 # Weight distribution per tensor kind: (offset, scale); value uniform on

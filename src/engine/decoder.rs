@@ -20,7 +20,7 @@ use super::EngineError;
 
 /// The model families this engine runs, by Hugging Face `model_type`.
 pub const SUPPORTED_FAMILIES: &[&str] = &[
-    "llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "phi3", "gemma2", "gemma3_text", "smollm3", "olmo2", "granite", "mixtral", "exaone4",
+    "llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "phi3", "gemma2", "gemma3_text", "smollm3", "olmo2", "granite", "mixtral", "exaone4", "cohere2",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +39,16 @@ pub enum BlockLayout {
     Sandwich,
     /// OLMo 2: `x + norm(attn(x))`, `h + norm(mlp(h))`.
     PostNorm,
+    /// Cohere 2: one norm feeds attention and the MLP side by side, `x + attn(n) + mlp(n)`.
+    Parallel,
+}
+
+/// The normalization of the residual stream (q/k norms are always RMSNorm).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormKind {
+    Rms,
+    /// Mean-centered LayerNorm with a weight and no bias (Cohere 2).
+    Layer,
 }
 
 /// How q and k are normalized before RoPE.
@@ -115,6 +125,9 @@ pub struct DecoderConfig {
     pub residual_scale: f32,
     /// Logits are divided by this (Granite's `logits_scaling`).
     pub logits_divisor: f32,
+    /// Logits are multiplied by this (Cohere's `logit_scale`).
+    pub logits_multiplier: f32,
+    pub norm_kind: NormKind,
     pub tie_word_embeddings: bool,
     pub max_position_embeddings: usize,
     pub ropes: Vec<Rope>,
@@ -247,6 +260,11 @@ impl DecoderConfig {
         let rope_dims = ((f64::from(head_dim) * partial) as i32) & !1;
         let gemma = family.starts_with("gemma");
         let mut ropes = vec![rope_from_hf(config, rope_dims, base, &scaling, max_position_embeddings)?];
+        if family == "cohere2" {
+            // Cohere rotates interleaved pairs (transformers' repeat_interleave, mlx-lm's
+            // traditional RoPE).
+            ropes[0].traditional = true;
+        }
         let window = config["sliding_window"].as_i64().filter(|w| *w > 0).map(|w| w as i32);
         let moe_layer = |index: usize| -> bool {
             match family.as_str() {
@@ -297,12 +315,14 @@ impl DecoderConfig {
                     })
                     .collect()
             }
-            "exaone4" => {
-                // transformers: `layer_types`, else `sliding_window_pattern` ("LLLG": a letter
-                // per layer, repeating; n: every n-th layer global); no window configured means
-                // every layer global. When there is a window, global layers have no RoPE.
+            "exaone4" | "cohere2" => {
+                // transformers: `layer_types`, else `sliding_window_pattern` (EXAONE's "LLLG":
+                // a letter per layer, repeating; n: every n-th layer global); no window
+                // configured means every layer global. When there is a window, global layers
+                // have no RoPE.
                 let layer_types: Vec<&str> = config["layer_types"].as_array().map(|l| l.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
                 let pattern = &config["sliding_window_pattern"];
+                let default_every = if family == "cohere2" { 4 } else { 0 };
                 let sliding = |i: usize| -> bool {
                     if window.is_none() {
                         return false;
@@ -310,7 +330,7 @@ impl DecoderConfig {
                     if let Some(kind) = layer_types.get(i) {
                         return *kind == "sliding_attention";
                     }
-                    match (pattern.as_str(), pattern.as_u64()) {
+                    match (pattern.as_str(), pattern.as_u64().or((pattern.is_null() && default_every > 0).then_some(default_every))) {
                         (Some(letters), _) if !letters.is_empty() => letters.as_bytes()[i % letters.len()] == b'L',
                         (_, Some(every)) if every > 0 => (i + 1) % every as usize != 0,
                         _ => false,
@@ -379,6 +399,7 @@ impl DecoderConfig {
             layout: match family.as_str() {
                 "gemma2" | "gemma3_text" => BlockLayout::Sandwich,
                 "olmo2" | "exaone4" => BlockLayout::PostNorm,
+                "cohere2" => BlockLayout::Parallel,
                 _ => BlockLayout::PreNorm,
             },
             qk_norm: match family.as_str() {
@@ -393,7 +414,9 @@ impl DecoderConfig {
             embed_scale,
             residual_scale: if granite { number("residual_multiplier").unwrap_or(1.0) as f32 } else { 1.0 },
             logits_divisor: if granite { number("logits_scaling").unwrap_or(1.0) as f32 } else { 1.0 },
-            tie_word_embeddings: config["tie_word_embeddings"].as_bool().unwrap_or(gemma),
+            logits_multiplier: if family == "cohere2" { number("logit_scale").unwrap_or(0.0625) as f32 } else { 1.0 },
+            norm_kind: if family == "cohere2" { NormKind::Layer } else { NormKind::Rms },
+            tie_word_embeddings: config["tie_word_embeddings"].as_bool().unwrap_or(gemma || family == "cohere2"),
             max_position_embeddings,
             ropes,
             layers,
@@ -504,6 +527,14 @@ fn rms_norm(x: &Array, weight: &Array, eps: f32) -> Result<Array> {
     Ok(fast::rms_norm(x, Some(weight), eps)?)
 }
 
+/// The residual stream's norm of `config`'s kind.
+fn stream_norm(config: &DecoderConfig, x: &Array, weight: &Array) -> Result<Array> {
+    match config.norm_kind {
+        NormKind::Rms => rms_norm(x, weight, config.norm_eps),
+        NormKind::Layer => Ok(fast::layer_norm(x, Some(weight), None::<&Array>, config.norm_eps)?),
+    }
+}
+
 /// Additive mask `[L, T]` for `L` queries at positions `offset..offset+L` over keys
 /// `0..T`: causal, and limited to the last `window` positions when given.
 fn prefill_mask(length: i32, offset: i32, window: Option<i32>, dtype: Dtype) -> Result<Array> {
@@ -564,6 +595,7 @@ impl DecoderModel {
         // (`logits / logits_scaling`): multiplying by 1/1.6 instead differs by a bf16 ulp
         // since bf16(1.6) != 1.6 (tests/it/families.rs, bfloat16 test).
         let logits = if self.config.logits_divisor != 1.0 { logits.divide(Array::from_f32(self.config.logits_divisor).as_dtype(logits.dtype())?)? } else { logits };
+        let logits = if self.config.logits_multiplier != 1.0 { logits.multiply(Array::from_f32(self.config.logits_multiplier).as_dtype(logits.dtype())?)? } else { logits };
         Ok(match self.config.final_softcap {
             Some(cap) => {
                 let cap_array = Array::from_f32(cap).as_dtype(logits.dtype())?;
@@ -690,7 +722,6 @@ impl DecoderModel {
     /// One block: `attention` does cache update and attention for the layer's q, k, v.
     fn block(&self, layer: &Layer, x: &Array, attention: impl FnOnce(&Array) -> Result<Array>) -> Result<Array> {
         let config = &self.config;
-        let eps = config.norm_eps;
         let scale_residual = |y: Array| -> Result<Array> {
             if config.residual_scale != 1.0 {
                 Ok(y.multiply(Array::from_f32(config.residual_scale).as_dtype(y.dtype())?)?)
@@ -700,10 +731,16 @@ impl DecoderModel {
         };
         let normed = |weight: &Option<Array>, y: &Array| -> Result<Array> {
             match weight {
-                Some(w) => rms_norm(y, w, eps),
+                Some(w) => stream_norm(config, y, w),
                 None => Ok(y.clone()),
             }
         };
+        if config.layout == BlockLayout::Parallel {
+            let n = normed(&layer.input_norm, x)?;
+            let attended = layer.o_proj.forward(&attention(&n)?)?;
+            let ff = self.feed_forward(&layer.ff, &n)?;
+            return Ok(x.add(attended)?.add(ff)?);
+        }
         let attended = attention(&normed(&layer.input_norm, x)?)?;
         let attended = layer.o_proj.forward(&attended)?;
         let h = x.add(scale_residual(normed(&layer.post_attention_norm, &attended)?)?)?;
@@ -759,7 +796,7 @@ impl DecoderModel {
                 Ok(attended.transpose_axes(&[0, 2, 1, 3])?.reshape(&[batch, length, config.num_heads * config.head_dim])?)
             })?;
         }
-        rms_norm(&x, &self.norm, config.norm_eps)
+        stream_norm(config, &x, &self.norm)
     }
 
     /// One decode step for every row of `cache`: `tokens` is `[B, 1]`; returns `[B, vocab]`.
@@ -795,7 +832,7 @@ impl DecoderModel {
             })?;
         }
         cache.advance();
-        let hidden = rms_norm(&x, &self.norm, config.norm_eps)?;
+        let hidden = stream_norm(config, &x, &self.norm)?;
         self.logits(&hidden.index((.., 0, ..)))
     }
 

@@ -364,6 +364,7 @@ fn build_decoder(mut tensors: Tensors, config_json: &Value, config: DecoderConfi
                 Some(tensors.norm(&format!("{prefix}.pre_feedforward_layernorm.weight"), &config, policy)?),
                 Some(tensors.norm(&format!("{prefix}.post_feedforward_layernorm.weight"), &config, policy)?),
             ),
+            BlockLayout::Parallel => (Some(tensors.norm(&format!("{prefix}.input_layernorm.weight"), &config, policy)?), None, None, None),
             BlockLayout::PostNorm => (
                 tensors.optional_norm(&format!("{prefix}.input_layernorm.weight"), &config, policy)?,
                 Some(tensors.norm(&format!("{prefix}.post_attention_layernorm.weight"), &config, policy)?),
