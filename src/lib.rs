@@ -18,6 +18,8 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod engine;
+#[doc(hidden)]
+pub mod fuzz_targets;
 pub mod i18n;
 pub mod metrics;
 pub mod rag;

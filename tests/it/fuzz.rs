@@ -8,7 +8,9 @@
 //! First every saved input under `tests/fixtures/fuzz/<target>/` is replayed (crashes found
 //! earlier, kept as regressions). A panic saves its input there and fails the test.
 //! `MLXSERVER_FUZZ_SECONDS` (default 2 per target) bounds a run; `scripts/fuzz.sh` runs longer.
-//! (This is a blind mutation fuzzer on the stable toolchain, not coverage-guided libFuzzer.)
+//! This is a blind mutation fuzzer on the stable toolchain; the same targets
+//! (`mlxserver::fuzz_targets`) run coverage-guided under libFuzzer in `fuzz/`
+//! (`scripts/cargo-fuzz.sh`), whose crashes land in the same folders and are replayed here.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
@@ -17,6 +19,8 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
+
+use mlxserver::fuzz_targets as targets;
 
 use crate::engine_reference::models_dir;
 
@@ -176,18 +180,11 @@ fn mutate_text(rng: &mut StdRng, base: &[u8]) -> Vec<u8> {
 #[test]
 fn gguf_headers_and_vocabularies() {
     // The real header and tensor table of SmolLM2 (vocabulary and merges included): the
-    // first 4 MiB of the file, read as the start of a file of the real size.
+    // first 4 MiB of the file, read as the start of a 1 GiB file.
     let mut head = std::fs::read(models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf")).unwrap();
-    let file_size = head.len() as u64;
     head.truncate(4 << 20);
-    mlxserver::engine::gguf::parse_prefix(&head, file_size).expect("the real header parses");
-    let tried = fuzz("gguf", vec![head], mutate_bytes, |bytes| {
-        if let Ok(header) = mlxserver::engine::gguf::parse_prefix(bytes, file_size) {
-            if let Some(tokens) = header.strings("tokenizer.ggml.tokens") {
-                let _ = mlxserver::engine::tokenizer::from_gguf(mlxserver::engine::loader::gguf_vocabulary(&header, tokens));
-            }
-        }
-    });
+    mlxserver::engine::gguf::parse_prefix(&head, targets::GGUF_FILE_SIZE).expect("the real header parses");
+    let tried = fuzz("gguf", vec![head], mutate_bytes, targets::gguf_header);
     assert!(tried > 0);
 }
 
@@ -232,10 +229,7 @@ fn safetensors_headers() {
                 mutate_bytes(rng, base)
             }
         },
-        |bytes| {
-            std::fs::write(&path, bytes).unwrap();
-            let _ = mlxserver::engine::validate::safetensors_header(&path);
-        },
+        |bytes| targets::safetensors_file(bytes, &path),
     );
     assert!(tried > 0);
 }
@@ -247,11 +241,7 @@ fn decoder_configurations() {
         let reference: Value = serde_json::from_slice(&std::fs::read(entry.path()).unwrap()).unwrap();
         seeds.push(serde_json::to_vec(&reference["config"]).unwrap());
     }
-    let tried = fuzz("config", seeds, mutate_json, |bytes| {
-        if let Ok(config) = serde_json::from_slice::<Value>(bytes) {
-            let _ = mlxserver::engine::decoder::DecoderConfig::from_hf(&config);
-        }
-    });
+    let tried = fuzz("config", seeds, mutate_json, targets::decoder_config);
     assert!(tried > 0);
 }
 
@@ -262,9 +252,7 @@ fn modelfiles() {
         b"FROM smol\nTEMPLATE \"\"\"{{ .System }} {{ .Prompt }}\"\"\"\nMESSAGE user Hi\nMESSAGE assistant Hello\nPARAMETER num_ctx 2048\nLICENSE \"\"\"MIT\"\"\"\n".to_vec(),
         b"# comment\nfrom ./model.gguf\nparameter seed 42\nadapter x\n".to_vec(),
     ];
-    let tried = fuzz("modelfile", seeds, mutate_text, |bytes| {
-        let _ = mlxserver::store::modelfile::Modelfile::parse(&String::from_utf8_lossy(bytes));
-    });
+    let tried = fuzz("modelfile", seeds, mutate_text, targets::modelfile);
     assert!(tried > 0);
 }
 
@@ -276,18 +264,7 @@ fn chat_templates() {
             seeds.push(std::fs::read(entry.path()).unwrap());
         }
     }
-    let messages = vec![
-        mlxserver::engine::template::TemplateMessage::new("system", "Be brief."),
-        mlxserver::engine::template::TemplateMessage::new("user", "Hi"),
-        mlxserver::engine::template::TemplateMessage::new("assistant", "Hello"),
-        mlxserver::engine::template::TemplateMessage::new("user", "Weather?"),
-    ];
-    let tools = serde_json::json!([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
-    let tried = fuzz("template", seeds, mutate_text, |bytes| {
-        if let Ok(template) = mlxserver::engine::template::ChatTemplate::new(Some(String::from_utf8_lossy(bytes).into_owned()), "<s>", "</s>") {
-            let _ = template.render_with(&messages, true, Some(&tools), Some(false));
-        }
-    });
+    let tried = fuzz("template", seeds, mutate_text, targets::chat_template);
     assert!(tried > 0);
 }
 
@@ -296,13 +273,6 @@ fn tokenizer_files() {
     let seeds = vec![std::fs::read(models_dir().join("all-MiniLM-L6-v2/tokenizer.json")).unwrap()];
     let folder = tempfile::tempdir().unwrap();
     let path = folder.path().join("tokenizer.json");
-    let tried = fuzz("tokenizer", seeds, mutate_json, |bytes| {
-        std::fs::write(&path, bytes).unwrap();
-        if let Ok(tokenizer) = mlxserver::engine::tokenizer::from_file(&path) {
-            if let Ok(ids) = mlxserver::engine::tokenizer::encode(&tokenizer, "Hello wörld, 東京 123!") {
-                let _ = mlxserver::engine::tokenizer::decode(&tokenizer, &ids);
-            }
-        }
-    });
+    let tried = fuzz("tokenizer", seeds, mutate_json, |bytes| targets::tokenizer_file(bytes, &path));
     assert!(tried > 0);
 }
