@@ -577,6 +577,7 @@ FAMILIES = {
             rope_theta=10000.0,
             layer_norm_eps=1e-5,
             logit_scale=0.25,
+            rotary_pct=1.0,
             sliding_window=8,
             sliding_window_pattern=2,
             layer_types=["sliding_attention", "full_attention"],

@@ -34,6 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_gguf_references as gguf_refs  # noqa: E402
 
 OUT_DIR = gguf_refs.REPO / "tests" / "fixtures" / "reference" / "gguf-llama-cpp"
+# Architectures whose tiny file llama.cpp runs as another model than the file describes.
+NOT_COMPARABLE = {
+    "exaone4": "llama.cpp applies EXAONE 4's sliding windows (and the RoPE-less global layers) "
+               "only to 64-layer models (src/models/exaone4.cpp), so it reads the 2-layer file as "
+               "all-global with RoPE everywhere; the file itself is checked against mlx-lm",
+}
 STEPS = 16
 
 
@@ -90,6 +96,9 @@ def main():
             if args.only and arch not in args.only.split(","):
                 continue
             fixture = json.loads((gguf_refs.FAMILIES_DIR / f"{family}.json").read_text())
+            if arch in NOT_COMPARABLE:
+                print(f"[{arch}] skipped: {NOT_COMPARABLE[arch]}", flush=True)
+                continue
             if args.try_salts and arch in gguf_refs.VARIANTS:
                 try_salts(lcp, tmp, arch, fixture, args.try_salts)
                 continue

@@ -58,6 +58,8 @@ ARCHS = {
     "olmo2": ("olmo2", ["f32"]),
     "granite": ("granite", ["f32"]),
     "smollm3": ("smollm3", ["f32"]),
+    "exaone4": ("exaone4", ["f32"]),
+    "cohere2": ("cohere2", ["f32"]),
 }
 
 # Arrays longer than this are recorded as length + sha256 (the tokenizer's).

@@ -428,6 +428,8 @@ const GGUF_ARCHITECTURES: &[(&str, &str)] = &[
     ("olmo2", "olmo2"),
     ("granite", "granite"),
     ("smollm3", "smollm3"),
+    ("exaone4", "exaone4"),
+    ("cohere2", "cohere2"),
 ];
 
 fn gguf_key_name(arch: &str, name: &str) -> Option<String> {
@@ -535,7 +537,6 @@ pub fn read_gguf(path: &Path) -> Result<GgufContents> {
         "head_dim": head_dim,
         "intermediate_size": required("feed_forward_length")?,
         "vocab_size": number("vocab_size").unwrap_or(tokens.len() as f64),
-        "rms_norm_eps": number("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
         "rope_theta": number("rope.freq_base").unwrap_or(10000.0),
         "max_position_embeddings": number("context_length").unwrap_or(4096.0),
     });
@@ -561,7 +562,10 @@ pub fn read_gguf(path: &Path) -> Result<GgufContents> {
         ("embedding_scale", "embedding_multiplier"),
         ("residual_scale", "residual_multiplier"),
         ("attention.scale", "attention_multiplier"),
-        ("logit_scale", "logits_scaling"),
+        // Granite divides by its logits_scaling, Cohere multiplies by its logit_scale.
+        ("logit_scale", if model_type == "cohere2" { "logit_scale" } else { "logits_scaling" }),
+        ("attention.layer_norm_rms_epsilon", "rms_norm_eps"),
+        ("attention.layer_norm_epsilon", "layer_norm_eps"),
     ] {
         if let Some(value) = number(gguf_key) {
             config[hf_key] = value.into();
@@ -569,6 +573,12 @@ pub fn read_gguf(path: &Path) -> Result<GgufContents> {
     }
     if model_type.starts_with("gemma") {
         config["query_pre_attn_scalar"] = head_dim.into();
+    }
+    // A per-layer pattern (EXAONE 4: one bool per layer, true = sliding window), where
+    // Gemma 3's is a number (read above).
+    if let Some(gguf::GgufValue::Array(flags)) = header.metadata.get(&key("attention.sliding_window_pattern")) {
+        let kinds: Vec<&str> = flags.iter().map(|flag| if matches!(flag, gguf::GgufValue::Bool(true)) { "sliding_attention" } else { "full_attention" }).collect();
+        config["layer_types"] = serde_json::json!(kinds);
     }
     if model_type == "qwen3_moe" {
         config["norm_topk_prob"] = true.into();

@@ -62,6 +62,7 @@ enum Meta {
     Str(String),
     Strs(Vec<String>),
     I32s(Vec<i32>),
+    Bools(Vec<bool>),
 }
 
 impl Meta {
@@ -71,7 +72,7 @@ impl Meta {
             Meta::F32(_) => "float32",
             Meta::Bool(_) => "bool",
             Meta::Str(_) => "string",
-            Meta::Strs(_) | Meta::I32s(_) => "array",
+            Meta::Strs(_) | Meta::I32s(_) | Meta::Bools(_) => "array",
         }
     }
 
@@ -81,6 +82,7 @@ impl Meta {
         match self {
             Meta::Strs(items) => items.iter().for_each(|s| put_str(&mut out, s)),
             Meta::I32s(items) => items.iter().for_each(|v| out.extend(v.to_le_bytes())),
+            Meta::Bools(items) => out.extend(items.iter().map(|v| u8::from(*v))),
             _ => {}
         }
         out
@@ -113,6 +115,12 @@ impl Meta {
             Meta::I32s(items) => {
                 out.extend(9u32.to_le_bytes());
                 out.extend(5u32.to_le_bytes());
+                out.extend((items.len() as u64).to_le_bytes());
+                out.extend(self.array_bytes());
+            }
+            Meta::Bools(items) => {
+                out.extend(9u32.to_le_bytes());
+                out.extend(7u32.to_le_bytes());
                 out.extend((items.len() as u64).to_le_bytes());
                 out.extend(self.array_bytes());
             }
@@ -263,7 +271,7 @@ fn hf_to_gguf_name(arch: &str, name: &str) -> Option<String> {
         _ => {
             let rest = base.strip_prefix("model.layers.")?;
             let (index, part) = rest.split_once('.')?;
-            let post_norm_names = arch.starts_with("gemma") || arch == "olmo2";
+            let post_norm_names = arch.starts_with("gemma") || arch == "olmo2" || arch == "exaone4";
             let part = match part {
                 "input_layernorm" => "attn_norm",
                 "self_attn.q_proj" => "attn_q",
@@ -416,7 +424,11 @@ fn gguf_for(arch: &str, family: &Value, outtype: &str) -> (Vec<(String, Meta)>, 
     a("feed_forward_length", u("intermediate_size"));
     a("attention.head_count", u("num_attention_heads"));
     a("attention.head_count_kv", u("num_key_value_heads"));
-    a("attention.layer_norm_rms_epsilon", f("rms_norm_eps"));
+    if arch == "cohere2" {
+        a("attention.layer_norm_epsilon", f("layer_norm_eps"));
+    } else {
+        a("attention.layer_norm_rms_epsilon", f("rms_norm_eps"));
+    }
     if arch != "phi3" && arch != "granite" {
         // TextModel.set_gguf_parameters (and Gemma2Model's own list) when head_dim is set
         a("attention.key_length", u("head_dim"));
@@ -424,6 +436,23 @@ fn gguf_for(arch: &str, family: &Value, outtype: &str) -> (Vec<(String, Meta)>, 
     }
     if arch != "gemma2" {
         a("rope.freq_base", f("rope_theta"));
+    }
+    if arch == "cohere2" {
+        // Cohere2Model.set_gguf_parameters (no layer pattern: llama.cpp assumes every 4th
+        // layer global)
+        a("logit_scale", f("logit_scale"));
+        a("attention.sliding_window", u("sliding_window"));
+        a("vocab_size", u("vocab_size"));
+        a("rope.dimension_count", u("head_dim"));
+        a("rope.scaling.type", Meta::Str("none".into()));
+    }
+    if arch == "exaone4" {
+        // Exaone4Model.set_gguf_parameters: the vocabulary size, the window and a flag per
+        // layer (true: sliding)
+        a("vocab_size", u("vocab_size"));
+        a("attention.sliding_window", u("sliding_window"));
+        let flags: Vec<bool> = c["layer_types"].as_array().unwrap().iter().map(|t| t == "sliding_attention").collect();
+        a("attention.sliding_window_pattern", Meta::Bools(flags));
     }
     if matches!(arch, "llama" | "granite" | "smollm3") {
         // LlamaModel.set_gguf_parameters
@@ -522,6 +551,7 @@ fn layout_differences(metadata: &[(String, Meta)], tensors: &[GgufTensor], recor
                         None => expected["value"] == json!(items),
                     }
             }
+            Meta::Bools(items) => expected["item_type"] == "bool" && expected["value"] == json!(items),
         };
         if !same {
             let shown = match value {
@@ -573,6 +603,7 @@ fn check_read_back(path: &Path, metadata: &[(String, Meta)], tensors: &[GgufTens
             (Meta::Str(v), GgufValue::String(g)) => v == g,
             (Meta::Strs(v), GgufValue::Array(g)) => v.len() == g.len() && v.iter().zip(g).all(|(a, b)| b.as_str() == Some(a)),
             (Meta::I32s(v), GgufValue::Array(g)) => v.len() == g.len() && v.iter().zip(g).all(|(a, b)| b.as_f64() == Some(f64::from(*a))),
+            (Meta::Bools(v), GgufValue::Array(g)) => v.len() == g.len() && v.iter().zip(g).all(|(a, b)| matches!(b, GgufValue::Bool(x) if x == a)),
             _ => false,
         };
         assert!(ok, "{}: {key} reads back as {got:?}", path.display());
@@ -611,6 +642,12 @@ fn llama_cpp_reading(arch: &str, family: &Value) -> Option<Value> {
             // models/smollm3.cpp: n_no_rope_layer_step = 4, no key in the file
             let layers = config["num_hidden_layers"].as_u64().unwrap();
             config["no_rope_layers"] = json!((0..layers).map(|i| u64::from((i + 1) % 4 != 0)).collect::<Vec<_>>());
+        }
+        "cohere2" => {
+            // models/cohere2.cpp: the layer pattern defaults to every 4th layer global and
+            // the converter writes none
+            config.as_object_mut().unwrap().remove("layer_types");
+            config["sliding_window_pattern"] = json!(4);
         }
         "gemma3" => {
             config["query_pre_attn_scalar"] = config["head_dim"].clone();
