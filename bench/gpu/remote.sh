@@ -135,7 +135,7 @@ families)
   repo="$(cd "$(dirname "$0")/../.." && pwd)"
   built="$(cat "$W/it.dir")"
   [ -e "$built" ] || { mkdir -p "$(dirname "$built")" && ln -s "$repo" "$built"; }
-  "$W/it" --ignored --exact families::every_family_on_this_machines_gpu --nocapture --test-threads=1 2>&1 | grep -vE "^\s+[0-9]+:|^\s+at " | tail -40 ;;
+  MLXSERVER_GPU_FAMILIES="${FAMILIES:-}" "$W/it" --ignored --exact families::every_family_on_this_machines_gpu --nocapture --test-threads=1 2>&1 | grep -vE "^\s+[0-9]+:|^\s+at " | tail -40 ;;
 decode)
   # Decode only, on the same 4-bit folder for us and mlx-lm: the server's MLX buffer-cache
   # bound against an unbounded one (is a freed buffer reallocated every step?).

@@ -509,7 +509,11 @@ fn every_family_on_this_machines_gpu() {
     // such weights dense there, WeightPolicy::dense_below_width).
     let mut failures = Vec::new();
     let mut kernels = Vec::new();
-    for (rows, width, out) in [(12, 64, 32), (12, 64, 128), (1, 64, 128), (12, 128, 256), (1, 128, 256), (12, 4096, 512), (1, 4096, 512)] {
+    // MLXSERVER_GPU_FAMILIES=a,b runs only those families and skips the kernel probe (each
+    // new kernel shape is compiled on first use, tens of seconds on a fresh machine).
+    let only: Option<Vec<String>> = std::env::var("MLXSERVER_GPU_FAMILIES").ok().filter(|v| !v.is_empty()).map(|v| v.split(',').map(str::to_string).collect());
+    let probes: &[(i32, i32, i32)] = if only.is_some() { &[] } else { &[(12, 64, 32), (12, 64, 128), (1, 64, 128), (12, 128, 256), (1, 128, 256), (12, 4096, 512), (1, 4096, 512)] };
+    for &(rows, width, out) in probes {
         let weight = mlx_rs::random::normal::<f32>(&[out, width], None, None, None).unwrap();
         let x = mlx_rs::random::normal::<f32>(&[rows, width], None, None, None).unwrap();
         let (w, scales, biases) = mlx_rs::ops::quantize(&weight, 64, 4).unwrap();
@@ -532,7 +536,7 @@ fn every_family_on_this_machines_gpu() {
     let half = if backend == Backend::Metal { Dtype::Float16 } else { Dtype::Bfloat16 };
     let root = tempfile::tempdir().unwrap();
     let mut report = Vec::new();
-    let families = fixtures();
+    let families: Vec<(String, Value)> = fixtures().into_iter().filter(|(name, _)| only.as_ref().is_none_or(|only| only.contains(name))).collect();
     for (name, fixture) in &families {
         let source = root.path().join(name);
         write_family_folder(fixture, &source);
