@@ -10,10 +10,8 @@ use serde_json::Value;
 
 use crate::engine::{decoder, gguf, loader, template, tokenizer, validate};
 
-/// The targets, by the name of their folder of saved inputs under `tests/fixtures/fuzz/`.
-pub const TARGETS: &[&str] = &["gguf", "safetensors", "config", "modelfile", "template", "tokenizer"];
-
-/// Runs one target on one input; `scratch` is a folder for the targets that read a file.
+/// Runs one target, named by its folder of saved inputs under `tests/fixtures/fuzz/`, on one
+/// input; `scratch` is a folder for the targets that read a file.
 pub fn run(target: &str, input: &[u8], scratch: &Path) {
     match target {
         "gguf" => gguf_header(input),

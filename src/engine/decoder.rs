@@ -266,6 +266,8 @@ impl DecoderConfig {
             ropes[0].traditional = true;
         }
         let window = config["sliding_window"].as_i64().filter(|w| *w > 0).map(|w| w as i32);
+        // transformers' per-layer kinds ("sliding_attention" / "full_attention"), when listed
+        let layer_types: Vec<&str> = config["layer_types"].as_array().map(|l| l.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
         let moe_layer = |index: usize| -> bool {
             match family.as_str() {
                 "mixtral" => true,
@@ -294,7 +296,6 @@ impl DecoderConfig {
                 // config lists them); mlx-lm's gemma2 attends globally everywhere, which
                 // differs once a chat is longer than the window (tests/it/families.rs,
                 // sliding windows against transformers).
-                let layer_types: Vec<&str> = config["layer_types"].as_array().map(|l| l.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
                 (0..num_layers)
                     .map(|i| {
                         let sliding = layer_types.get(i).map_or(i % 2 == 0, |kind| *kind == "sliding_attention");
@@ -319,8 +320,7 @@ impl DecoderConfig {
                 // transformers: `layer_types`, else `sliding_window_pattern` (EXAONE's "LLLG":
                 // a letter per layer, repeating; n: every n-th layer global); no window
                 // configured means every layer global. When there is a window, global layers
-                // have no RoPE.
-                let layer_types: Vec<&str> = config["layer_types"].as_array().map(|l| l.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+                // have no RoPE. Cohere's pattern defaults to every 4th layer global.
                 let pattern = &config["sliding_window_pattern"];
                 let default_every = if family == "cohere2" { 4 } else { 0 };
                 let sliding = |i: usize| -> bool {
@@ -330,7 +330,7 @@ impl DecoderConfig {
                     if let Some(kind) = layer_types.get(i) {
                         return *kind == "sliding_attention";
                     }
-                    match (pattern.as_str(), pattern.as_u64().or((pattern.is_null() && default_every > 0).then_some(default_every))) {
+                    match (pattern.as_str(), pattern.as_u64().or_else(|| pattern.is_null().then_some(default_every))) {
                         (Some(letters), _) if !letters.is_empty() => letters.as_bytes()[i % letters.len()] == b'L',
                         (_, Some(every)) if every > 0 => (i + 1) % every as usize != 0,
                         _ => false,

@@ -94,12 +94,13 @@ pub fn from_gguf(vocab: GgufVocab) -> Result<Tokenizer, EngineError> {
 /// crate reads it: a syntax error or an invalid code point inside the `decoder` object made
 /// it panic (`expect("Helper")` in its decoder deserializer, tokenizers 0.22.2; found by
 /// libFuzzer, tests/fixtures/fuzz/tokenizer/). Skipping the document (`IgnoredAny`) is not
-/// enough: it does not check the strings it skips.
+/// enough: it does not check the strings it skips. The tokenizer is then built from the parsed
+/// value, so the file is parsed once.
 pub fn from_file(path: &std::path::Path) -> Result<Tokenizer, EngineError> {
     let unreadable = |error: &dyn std::fmt::Display| EngineError::Tokenizer(format!("{}: {error}", path.display()));
     let bytes = std::fs::read(path).map_err(|error| unreadable(&error))?;
-    serde_json::from_slice::<serde_json::Value>(&bytes).map_err(|error| unreadable(&error))?;
-    let mut tokenizer = Tokenizer::from_bytes(&bytes).map_err(|error| unreadable(&error))?;
+    let document = serde_json::from_slice::<serde_json::Value>(&bytes).map_err(|error| unreadable(&error))?;
+    let mut tokenizer: Tokenizer = serde_json::from_value(document).map_err(|error| unreadable(&error))?;
     tokenizer.with_padding(None);
     tokenizer.with_truncation(None).map_err(|error| EngineError::Tokenizer(error.to_string()))?;
     Ok(tokenizer)

@@ -187,13 +187,9 @@ fn quantized_families_match_mlx_lm_quantized() {
     let mut checked = 0;
     for (name, fixture) in fixtures() {
         let Some(quantized) = fixture.get("quantized").filter(|q| q.is_object()) else { continue };
-        let source = root.path().join(&name);
-        write_family_folder(&fixture, &source);
-        let out = root.path().join(format!("{name}-q"));
-        std::fs::create_dir_all(&out).unwrap();
         let bits = quantized["bits"].as_i64().unwrap() as i32;
         let group = quantized["group_size"].as_i64().unwrap() as i32;
-        mlxserver::engine::convert::quantize_folder(&source, &out, bits, group).unwrap();
+        let (_, out) = family_and_quantized_folders(root.path(), &name, &fixture, "q", bits, group);
         let model = load(&out, policy);
         let expected_ids = ids(&quantized["greedy_ids"]);
         let (first, tokens, _) = run_model(&model, &ids(&fixture["prompt_ids"]), expected_ids.len());
@@ -289,11 +285,7 @@ fn pull_phi3_8bit_from_the_hub_then_run_answers() {
     let _guard = mlx_lock();
     let root = tempfile::tempdir().unwrap();
     let fixture = fixtures().into_iter().find(|(name, _)| name == "phi3").expect("phi3 fixture").1;
-    let source = root.path().join("phi3");
-    write_family_folder(&fixture, &source);
-    let quantized = root.path().join("phi3-8bit");
-    std::fs::create_dir_all(&quantized).unwrap();
-    mlxserver::engine::convert::quantize_folder(&source, &quantized, 8, 64).unwrap();
+    let (_, quantized) = family_and_quantized_folders(root.path(), "phi3", &fixture, "8bit", 8, 64);
     let hub = std::sync::Arc::new(crate::hub::Hub::default());
     hub.repos
         .lock()
@@ -476,11 +468,7 @@ fn every_family_8bit_matches_mlx_lm_8bit() {
     for (name, fixture) in fixtures() {
         let reference = fixture.get("quantized_8bit").filter(|r| r.is_object()).unwrap_or_else(|| panic!("{name}: no 8-bit reference"));
         assert_eq!((reference["bits"].as_i64(), reference["group_size"].as_i64()), (Some(8), Some(64)), "{name}");
-        let source = root.path().join(&name);
-        write_family_folder(&fixture, &source);
-        let out = root.path().join(format!("{name}-8bit"));
-        std::fs::create_dir_all(&out).unwrap();
-        mlxserver::engine::convert::quantize_folder(&source, &out, 8, 64).unwrap();
+        let (_, out) = family_and_quantized_folders(root.path(), &name, &fixture, "8bit", 8, 64);
         let model = load(&out, policy);
         report.push(compare(&format!("{name} 8-bit g64"), &model, &fixture, reference, 5e-4, 1e-3));
     }
@@ -538,20 +526,17 @@ fn every_family_on_this_machines_gpu() {
     let mut report = Vec::new();
     let families: Vec<(String, Value)> = fixtures().into_iter().filter(|(name, _)| only.as_ref().is_none_or(|only| only.contains(name))).collect();
     for (name, fixture) in &families {
-        let source = root.path().join(name);
-        write_family_folder(fixture, &source);
-        let out = root.path().join(format!("{name}-4bit"));
-        std::fs::create_dir_all(&out).unwrap();
-        mlxserver::engine::convert::quantize_folder(&source, &out, 4, 64).unwrap();
+        let (source, out) = family_and_quantized_folders(root.path(), name, fixture, "4bit", 4, 64);
+        // (label, folder, reference, the compute dtype the float32 checkpoint must get)
         let runs = [
-            (format!("{name} on {}, {half:?}", backend.name()), source.clone(), fixture["bfloat16"].get("bf16_compute").filter(|r| r.is_object()).unwrap_or(fixture).clone()),
-            (format!("{name} 4-bit g64 on {}", backend.name()), out, side_reference("families-4bit", name, fixture)),
+            (format!("{name} on {}, {half:?}", backend.name()), source, fixture["bfloat16"].get("bf16_compute").filter(|r| r.is_object()).unwrap_or(fixture).clone(), Some(half)),
+            (format!("{name} 4-bit g64 on {}", backend.name()), out, side_reference("families-4bit", name, fixture), None),
         ];
-        for (label, folder, reference) in runs {
+        for (label, folder, reference, dtype) in runs {
             let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 let model = load(&folder, policy);
-                if !label.contains("4-bit") {
-                    assert_eq!(model.dtype, half, "{label}");
+                if let Some(dtype) = dtype {
+                    assert_eq!(model.dtype, dtype, "{label}");
                 }
                 compare(&label, &model, fixture, &reference, TOLERANCE, 0.25)
             }));
@@ -564,6 +549,17 @@ fn every_family_on_this_machines_gpu() {
     mlxserver::engine::device::activate(Backend::Cpu);
     eprintln!("{}", report.join("\n"));
     assert!(failures.is_empty(), "{} of {} checks failed:\n{}", failures.len(), 2 * families.len(), failures.join("\n"));
+}
+
+/// The family's float32 folder at `root/<name>` and its copy quantized by our converter
+/// (`bits`, `group`) at `root/<name>-<suffix>`.
+fn family_and_quantized_folders(root: &Path, name: &str, fixture: &Value, suffix: &str, bits: i32, group: i32) -> (PathBuf, PathBuf) {
+    let source = root.join(name);
+    write_family_folder(fixture, &source);
+    let out = root.join(format!("{name}-{suffix}"));
+    std::fs::create_dir_all(&out).unwrap();
+    mlxserver::engine::convert::quantize_folder(&source, &out, bits, group).unwrap();
+    (source, out)
 }
 
 /// A reference made beside the families fixtures, `tests/fixtures/reference/<kind>/<name>.json`,
@@ -588,11 +584,7 @@ fn every_family_4bit_matches_mlx_lm_4bit() {
     for (name, fixture) in &families {
         let reference = side_reference("families-4bit", name, fixture);
         assert_eq!((reference["bits"].as_i64(), reference["group_size"].as_i64()), (Some(4), Some(64)), "{name}");
-        let source = root.path().join(name);
-        write_family_folder(fixture, &source);
-        let out = root.path().join(format!("{name}-4bit"));
-        std::fs::create_dir_all(&out).unwrap();
-        mlxserver::engine::convert::quantize_folder(&source, &out, 4, 64).unwrap();
+        let (_, out) = family_and_quantized_folders(root.path(), name, fixture, "4bit", 4, 64);
         // The same recipe as mlx-lm's, per-family 8-bit modules included (granite, qwen3_moe).
         let written: Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
         assert_eq!(written["quantization"], reference["config_quantization"], "{name}: config.json quantization block");
