@@ -23,4 +23,22 @@ fn main() {
         y = ops::matmul(&y, x.reshape(&[64, 1]).unwrap()).unwrap().reshape(&[1, 1]).unwrap().add(&x).unwrap().reshape(&[1, 64]).unwrap();
     }
     println!("matmul chain: {:.2} us per op", started.elapsed().as_secs_f64() * 1e6 / (n as f64 * 5.0));
+
+    // SwiGLU as three ops against one compiled (fused) call, as mlx-lm's `swiglu` is.
+    let gate = Array::from_slice(&[0.5f32; 64], &[1, 64]);
+    let started = Instant::now();
+    let mut y = gate.clone();
+    for _ in 0..n {
+        y = mlx_rs::nn::silu(&y).unwrap().multiply(&gate).unwrap();
+    }
+    println!("swiglu as ops: {:.2} us per call", started.elapsed().as_secs_f64() * 1e6 / n as f64);
+    drop(y);
+    let mut fused = mlx_rs::transforms::compile::compile(|(g, u): (&Array, &Array)| mlx_rs::nn::silu(g)?.multiply(u), true);
+    let started = Instant::now();
+    let mut y = gate.clone();
+    for _ in 0..n {
+        y = fused((&y, &gate)).unwrap();
+    }
+    println!("swiglu compiled: {:.2} us per call", started.elapsed().as_secs_f64() * 1e6 / n as f64);
+    y.eval().unwrap();
 }

@@ -15,13 +15,20 @@
 #   --no-llama      everything but llama.cpp (the `engine` and `memory` stages in one session).
 #   --tests         --server-only, plus the stripped integration-test binary as .gpu/it.xz
 #                   (the `families` stage: every model family on the GPU).
+#   --no-llama --tests   both: the engine benchmark, mlx-lm and the families test in one session.
 set -euo pipefail
-engine_only=0 server_only=0 no_llama=0
-[ "${1:-}" = "--engine-only" ] && engine_only=1
-[ "${1:-}" = "--server-only" ] && server_only=1
-[ "${1:-}" = "--no-llama" ] && no_llama=1
-tests=0
-[ "${1:-}" = "--tests" ] && server_only=1 tests=1
+engine_only=0 server_only=0 no_llama=0 tests=0
+for flag in "$@"; do
+  case "$flag" in
+    --engine-only) engine_only=1 ;;
+    --server-only) server_only=1 ;;
+    --no-llama) no_llama=1 ;;
+    --tests) tests=1 ;;
+    *) echo "unknown option $flag" >&2; exit 2 ;;
+  esac
+done
+# --tests alone packs only what the families test needs.
+[ "$tests" = 1 ] && [ "$#" = 1 ] && server_only=1
 here="$(cd "$(dirname "$0")" && pwd)"
 cd "$here/.."
 . "$here/env.sh"

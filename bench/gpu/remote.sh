@@ -118,7 +118,9 @@ engine)
   Q="$M-4bit"
   # MLX's CUDA backend commits a CUDA graph every MLX_MAX_OPS_PER_BUFFER kernels (100 on
   # sm90); 50, 300 and 1200 measured alike (bench/README.md), so they are not swept here.
-  for setting in "MLXSERVER_PROFILE=1" "MLXSERVER_PROFILE=1 MLXSERVER_FUSE_PROJECTIONS=1" "MLXSERVER_PROFILE=1 MLXSERVER_PIPELINE=0"; do
+  # SETTINGS="a;b" replaces the batch-1 variants (each a list of VAR=value).
+  IFS=';' read -r -a settings <<<"${SETTINGS:-MLXSERVER_PROFILE=1;MLXSERVER_PROFILE=1 MLXSERVER_FUSE_PROJECTIONS=1;MLXSERVER_PROFILE=1 MLXSERVER_PIPELINE=0}"
+  for setting in "${settings[@]}"; do
     echo "== $setting"
     env $setting "$B/engine_bench" "$Q" --prompt-tokens 512 --decode-tokens 128 --runs 3 2>"$OUT/engine.log" | tee -a "$OUT/results.jsonl"; grep "decode profile" "$OUT/engine.log" | tail -1
   done

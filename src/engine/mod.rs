@@ -349,12 +349,35 @@ struct DecodeProfile {
     host: Duration,
     /// The slowest step's host bookkeeping and its row count (outliers hide in averages).
     slowest_host: (Duration, usize),
+    /// MLX's peak memory within prompt chunks and within decode steps (the peak counter is
+    /// reset before each), to tell which one sets the process's peak.
+    prefill_peak: usize,
+    decode_peak: usize,
     since: Option<Instant>,
 }
 
 impl DecodeProfile {
     fn new() -> Self {
         DecodeProfile { enabled: std::env::var_os("MLXSERVER_PROFILE").is_some(), ..Default::default() }
+    }
+
+    /// Starts measuring a phase's peak memory.
+    fn phase_start(&self) {
+        if self.enabled {
+            let _ = mlx_rs::memory::reset_peak_memory();
+        }
+    }
+
+    fn prefill_done(&mut self) {
+        if self.enabled {
+            self.prefill_peak = self.prefill_peak.max(mlx_rs::memory::peak_memory().unwrap_or(0));
+        }
+    }
+
+    fn decode_done(&mut self) {
+        if self.enabled {
+            self.decode_peak = self.decode_peak.max(mlx_rs::memory::peak_memory().unwrap_or(0));
+        }
     }
 
     fn step(&mut self, rows: usize, build: Duration, launch: Duration, wait: Duration, host: Duration) {
@@ -384,6 +407,9 @@ impl DecodeProfile {
                 host_us = format!("{:.0}", per(self.host)),
                 slowest_host_us = self.slowest_host.0.as_micros() as u64,
                 slowest_host_rows = self.slowest_host.1,
+                prefill_peak_mb = self.prefill_peak >> 20,
+                decode_peak_mb = self.decode_peak >> 20,
+                active_mb = mlx_rs::memory::active_memory().unwrap_or(0) >> 20,
                 "decode profile"
             );
             *self = DecodeProfile { enabled: true, ..Default::default() };
@@ -662,7 +688,10 @@ impl Worker {
         }
         if model.running.len() < max_batch && admits(self.backend, llama, model.waiting.front(), model.running.is_empty()) {
             if let Some(mut sequence) = model.waiting.pop_front() {
-                match prefill_step(llama, &mut sequence, prefill_chunk) {
+                self.profile.phase_start();
+                let prefilled = prefill_step(llama, &mut sequence, prefill_chunk);
+                self.profile.prefill_done();
+                match prefilled {
                     Ok(Some(mut logits)) => match sequence.accept_logits(&mut logits) {
                         Progress::Running => match model.batch.push(&sequence.cache) {
                             Ok(()) => {
@@ -688,12 +717,14 @@ impl Worker {
             // Every backend pipelines greedy rows (on the CPU it gains little, but the path is
             // then the one the reference tests check).
             let pipelined = pipelining() && model.running.iter().all(Sequence::greedy_on_device);
+            self.profile.phase_start();
             let outcome = if pipelined {
                 decode_pipelined_step(llama, &mut model.batch, &mut model.running, &mut model.in_flight, &mut finished, &mut self.profile)
             } else {
                 drain_in_flight(&mut model.batch, &mut model.running, &mut model.in_flight, &mut finished)
                     .and_then(|()| if model.running.is_empty() { Ok(()) } else { decode_batched_step(llama, &mut model.batch, &mut model.running, &mut finished) })
             };
+            self.profile.decode_done();
             if let Err(error) = outcome {
                 fail_batch(&mut model.running, &mut model.batch, &mut model.in_flight, error);
             }

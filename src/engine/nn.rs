@@ -431,7 +431,11 @@ impl BatchCache {
         for (cache, new) in [(&mut self.keys[layer], keys), (&mut self.values[layer], values)] {
             if cache.dim(2) <= column {
                 let used = cache.index((.., .., ..column, ..));
-                let room = zeros_like_shape(&used, &[used.dim(0), used.dim(1), CACHE_STEP, used.dim(3)])?;
+                // Room for about CACHE_STEP tokens in all, not per row: sixteen rows grown by
+                // 256 columns each would hold up to 4,095 unused positions (0.5 GB at 8B shapes).
+                let rows = used.dim(0).max(1);
+                let step = ((CACHE_STEP / rows + 15) / 16 * 16).max(16);
+                let room = zeros_like_shape(&used, &[used.dim(0), used.dim(1), step, used.dim(3)])?;
                 *cache = ops::concatenate(&[used, room], 2)?;
             }
             *cache = write_positions(cache, new, column)?;
