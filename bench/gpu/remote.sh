@@ -10,6 +10,7 @@
 #                          GGUF pull and serve
 #   remote.sh memory       the served path's MLX and GPU memory over rounds of 16 streams
 #   remote.sh families     every model family on the GPU against mlx-lm (needs .gpu/it.xz)
+#   remote.sh compare      batch-1 decode of ours and mlx-lm's alternated, batch 16 unprofiled
 #   remote.sh decode       batch-1 decode split into build/launch/wait, ours and mlx-lm's
 #   remote.sh kernels      GPU time per kernel over one decode step, ours and mlx-lm's (ncu)
 # Results are JSON lines in $OUT/results.jsonl, logs in $OUT.
@@ -128,6 +129,21 @@ engine)
   MLXSERVER_PROFILE=1 "$B/engine_bench" "$Q" --prompt-tokens 512 --decode-tokens 128 --runs 3 --batch 16 2>"$OUT/engine16.log" | tee -a "$OUT/results.jsonl"; grep "decode profile" "$OUT/engine16.log" | tail -1
   for b in 1 16; do python3 -m mlx_lm benchmark --model "$Q" -p 512 -g 128 -b "$b" -n 3 2>&1 | tail -1; done
   python3 "$(dirname "$0")/../mlx_lm_bench.py" "$Q" --prompt-tokens 512 --decode-tokens 128 --runs 3 --label "mlx-lm 0.32.2 (same folder)" | tee -a "$OUT/results.jsonl" ;;
+compare)
+  # Batch-1 decode of ours and mlx-lm's alternated on the same 4-bit folder (machines of this
+  # kind vary by 15% and more between runs, so one run of each compares little), then batch 16
+  # without the profiler (its per-phase resets of MLX's peak counter hide the serving peak).
+  B="$W/b/bin"; M="$W/m/big-hf"; Q="$M-4bit"
+  [ -d "$M" ] || python3 "$(dirname "$0")/make_random_model.py" "$M" "$W/b/tokenizer" --shape 8b >/dev/null || exit 1
+  [ -d "$Q" ] || "$B/engine_bench" "$M" --quantize 4 --prompt-tokens 16 --decode-tokens 4 --runs 1 >/dev/null 2>"$OUT/quantize.log"
+  mlxlm() { python3 -m mlx_lm benchmark --model "$Q" -p 512 -g 128 -b "$1" -n 3 2>&1 | tail -1 | sed "s/^/mlx-lm b$1: /" | tee -a "$OUT/results.jsonl"; }
+  for round in ${ROUNDS:-1 2 3}; do
+    echo "== round $round"
+    "$B/engine_bench" "$Q" --prompt-tokens 512 --decode-tokens 128 --runs 3 2>>"$OUT/compare.log" | tee -a "$OUT/results.jsonl"
+    mlxlm 1
+  done
+  "$B/engine_bench" "$Q" --prompt-tokens 512 --decode-tokens 128 --runs 3 --batch 16 2>>"$OUT/compare.log" | tee -a "$OUT/results.jsonl"
+  mlxlm 16 ;;
 families)
   # Every model family on the GPU against mlx-lm's references (tests/it/families.rs,
   # every_family_on_this_machines_gpu): the integration-test binary carried as .gpu/it.xz
