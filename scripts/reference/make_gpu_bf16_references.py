@@ -47,6 +47,7 @@ for family in families:
     same = sum(a == b for a, b in zip(ids, fixture["greedy_ids"]))
     record = {
         "family": family,
+        "families_salt": fixture["salt"],
         "how": "mlx-lm " + importlib.metadata.version("mlx-lm") + " with mlx " + mx.__version__ + " on " + str(mx.default_device()) + ", bfloat16 weights (float32 recipe cast with astype), run in bfloat16",
         "device": str(mx.default_device()),
         "greedy_ids": ids,

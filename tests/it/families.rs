@@ -476,17 +476,24 @@ fn every_family_8bit_matches_mlx_lm_8bit() {
 }
 
 /// Every family on this machine's GPU (CUDA or Metal) as the server runs it: a float32
-/// checkpoint computes in the GPU's half-precision dtype, a 4-bit one stays quantized. The
-/// references are mlx-lm's CPU runs: in bfloat16 where there is one (MLX's CPU has no bfloat16
-/// gather_mm, so the MoE families compare with float32), and the 4-bit reference for the 4-bit
-/// folder. GPU kernels sum in another order than the CPU's, so this is a half-precision-close
-/// check: logits within 5% of their range, tokens equal until the reference's top-2 margin
-/// falls below 0.25 (two bfloat16 ulps of a logit in [8, 16)). Needs a GPU; the device machine
-/// runs it (`bench/gpu/remote.sh families`).
+/// checkpoint computes in the GPU's half-precision dtype, a 4-bit one stays quantized.
+/// References: on CUDA the bfloat16 run compares with mlx-lm's own bfloat16 run on an H200
+/// (tests/fixtures/reference/gpu-bf16, scripts/reference/make_gpu_bf16_references.py); elsewhere
+/// with mlx-lm's CPU run in bfloat16 where there is one (MLX's CPU has no bfloat16 gather_mm,
+/// so the MoE families compare with float32); the 4-bit folder with mlx-lm's 4-bit reference.
+/// GPU kernels sum in another order than the CPU's, so this is a half-precision-close check:
+/// logits within 5% of their range, tokens equal until the reference's top-2 margin falls below
+/// 0.25 (two bfloat16 ulps of a logit in [8, 16)). The 4-bit run computes in bfloat16 against a
+/// float32-compute reference, so it inherits the family's own bfloat16 deviation: mlx-lm's run
+/// on the H200 is 13% of the range from float32 for the tiny mixtral (a bfloat16 tie in its
+/// router: ours shows the same 1.3026) and 5.3% for granite (its multipliers), so the 4-bit
+/// bound is 1.25 times that deviation where it exceeds 5%. Needs a GPU; the device machine runs
+/// it (`bench/gpu/remote.sh families`).
 #[test]
 #[ignore = "needs a GPU: bench/gpu/remote.sh families"]
 fn every_family_on_this_machines_gpu() {
-    // Measured on an H200 (bfloat16): 0.9-3.6% of the logit range (granite the widest).
+    // Measured on an H200 (bfloat16, against mlx-lm's CPU bfloat16 run): 0.9-3.6% of the
+    // logit range (granite the widest).
     const TOLERANCE: f32 = 0.05;
     let _guard = mlx_lock();
     let backend = mlxserver::engine::device::detect();
@@ -527,18 +534,21 @@ fn every_family_on_this_machines_gpu() {
     let families: Vec<(String, Value)> = fixtures().into_iter().filter(|(name, _)| only.as_ref().is_none_or(|only| only.contains(name))).collect();
     for (name, fixture) in &families {
         let (source, out) = family_and_quantized_folders(root.path(), name, fixture, "4bit", 4, 64);
-        // (label, folder, reference, the compute dtype the float32 checkpoint must get)
+        let gpu_bf16 = (backend == Backend::Cuda).then(|| side_reference("gpu-bf16", name, fixture));
+        let bf16_reference = gpu_bf16.clone().unwrap_or_else(|| fixture["bfloat16"].get("bf16_compute").filter(|r| r.is_object()).unwrap_or(fixture).clone());
+        let bf16_deviation = gpu_bf16.as_ref().and_then(|r| r["float32_reference_diff_of_range"].as_f64()).unwrap_or(0.0) as f32;
+        // (label, folder, reference, the compute dtype the float32 checkpoint must get, bound)
         let runs = [
-            (format!("{name} on {}, {half:?}", backend.name()), source, fixture["bfloat16"].get("bf16_compute").filter(|r| r.is_object()).unwrap_or(fixture).clone(), Some(half)),
-            (format!("{name} 4-bit g64 on {}", backend.name()), out, side_reference("families-4bit", name, fixture), None),
+            (format!("{name} on {}, {half:?}", backend.name()), source, bf16_reference, Some(half), TOLERANCE),
+            (format!("{name} 4-bit g64 on {}", backend.name()), out, side_reference("families-4bit", name, fixture), None, TOLERANCE.max(1.25 * bf16_deviation)),
         ];
-        for (label, folder, reference, dtype) in runs {
+        for (label, folder, reference, dtype, tolerance) in runs {
             let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 let model = load(&folder, policy);
                 if let Some(dtype) = dtype {
                     assert_eq!(model.dtype, dtype, "{label}");
                 }
-                compare(&label, &model, fixture, &reference, TOLERANCE, 0.25)
+                compare(&label, &model, fixture, &reference, tolerance, 0.25)
             }));
             match checked {
                 Ok(line) => report.push(line),
