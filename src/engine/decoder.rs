@@ -677,29 +677,55 @@ impl DecoderModel {
     fn project(&self, layer: &Layer, kind: &LayerKind, h: &Array, positions: &Positions<'_>) -> Result<(Array, Array, Array)> {
         let config = &self.config;
         let (batch, length) = (h.dim(0), h.dim(1));
-        let projected = layer.qkv.forward(h)?;
-        let (mut q, mut k, v) = (projected[0].clone(), projected[1].clone(), projected[2].clone());
-        if config.qk_norm == QkNorm::Full {
-            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-                q = rms_norm(&q, qn, config.norm_eps)?;
-                k = rms_norm(&k, kn, config.norm_eps)?;
+        let (heads, kv_heads, dim) = (config.num_heads, config.num_kv_heads, config.head_dim);
+        // `[B, L, n·D]` as `[B, n, L, D]`. With one token per row the two orders are the same
+        // bytes, so a reshape does it without a transpose node (fewer nodes for MLX to encode
+        // on every decode step).
+        let head_major = |y: &Array, count: i32| -> Result<Array> {
+            Ok(if length == 1 { y.reshape(&[batch, count, 1, dim])? } else { y.reshape(&[batch, length, count, dim])?.transpose_axes(&[0, 2, 1, 3])? })
+        };
+        let by_heads = match &layer.qkv {
+            // One matmul for q, k and v, split by heads after the reshape: three slice views
+            // instead of three slices and three reshapes.
+            Projections::Fused { linear, sizes } if config.qk_norm != QkNorm::Full && *sizes == [heads * dim, kv_heads * dim, kv_heads * dim] => {
+                let all = head_major(&linear.forward(h)?, heads + 2 * kv_heads)?;
+                Some((all.index((.., ..heads)), all.index((.., heads..heads + kv_heads)), all.index((.., heads + kv_heads..))))
             }
-        }
-        let heads = |y: &Array, count: i32| -> Result<Array> { Ok(y.reshape(&[batch, length, count, config.head_dim])?) };
-        let (mut q, mut k, v) = (heads(&q, config.num_heads)?, heads(&k, config.num_kv_heads)?, heads(&v, config.num_kv_heads)?);
+            _ => None,
+        };
+        let (mut q, mut k, v) = match by_heads {
+            Some(split) => split,
+            None => {
+                let projected = layer.qkv.forward(h)?;
+                let (mut q, mut k, v) = (projected[0].clone(), projected[1].clone(), projected[2].clone());
+                if config.qk_norm == QkNorm::Full {
+                    if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+                        q = rms_norm(&q, qn, config.norm_eps)?;
+                        k = rms_norm(&k, kn, config.norm_eps)?;
+                    }
+                }
+                (head_major(&q, heads)?, head_major(&k, kv_heads)?, head_major(&v, kv_heads)?)
+            }
+        };
         if config.qk_norm == QkNorm::PerHead {
+            // Over the last axis (head_dim): the layout does not matter.
             if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
                 q = rms_norm(&q, qn, config.norm_eps)?;
                 k = rms_norm(&k, kn, config.norm_eps)?;
             }
         }
-        let order = [0, 2, 1, 3];
-        let (mut q, mut k, v) = (q.transpose_axes(&order)?, k.transpose_axes(&order)?, v.transpose_axes(&order)?);
         if let Some(rope) = kind.rope.map(|i| &config.ropes[i]) {
             q = rope.apply(&q, positions, config.head_dim)?;
             k = rope.apply(&k, positions, config.head_dim)?;
         }
         Ok((q, k, v))
+    }
+
+    /// Attention output `[B, H, L, D]` as `[B, L, H·D]` (a plain reshape for one token).
+    fn merge_heads(&self, attended: &Array) -> Result<Array> {
+        let (batch, length) = (attended.dim(0), attended.dim(2));
+        let width = self.config.num_heads * self.config.head_dim;
+        Ok(if length == 1 { attended.reshape(&[batch, 1, width])? } else { attended.transpose_axes(&[0, 2, 1, 3])?.reshape(&[batch, length, width])? })
     }
 
     fn feed_forward(&self, ff: &FeedForward, h: &Array) -> Result<Array> {
@@ -794,7 +820,7 @@ impl DecoderModel {
 
     fn hidden_states(&self, tokens: &Array, sequence: &mut SequenceSlot<'_>) -> Result<Array> {
         let config = &self.config;
-        let (batch, length) = (tokens.dim(0), tokens.dim(1));
+        let length = tokens.dim(1);
         let offset = sequence.cache.first().map_or(0, |c| c.offset);
         self.check_context(offset + length)?;
         let mut x = self.embed(tokens)?;
@@ -814,8 +840,7 @@ impl DecoderModel {
                 let (q, k, v) = self.project(layer, kind, h, &positions)?;
                 let (keys, values) = cache.update(&k, &v)?;
                 let mask = kind.window.and_then(|w| window_masks.iter().find(|(mw, _)| *mw == w).map(|(_, m)| m));
-                let attended = self.attend(&q, &keys, &values, mask, length > 1)?;
-                Ok(attended.transpose_axes(&[0, 2, 1, 3])?.reshape(&[batch, length, config.num_heads * config.head_dim])?)
+                self.merge_heads(&self.attend(&q, &keys, &values, mask, length > 1)?)
             })?;
         }
         stream_norm(config, &x, &self.norm)
@@ -849,8 +874,7 @@ impl DecoderModel {
                     Some(w) => window_masks.iter().find(|(mw, _)| *mw == w).map(|(_, m)| m),
                     None => padding_mask.as_ref(),
                 };
-                let attended = self.attend(&q, &keys, &values, mask, false)?;
-                Ok(attended.transpose_axes(&[0, 2, 1, 3])?.reshape(&[batch, 1, config.num_heads * config.head_dim])?)
+                self.merge_heads(&self.attend(&q, &keys, &values, mask, false)?)
             })?;
         }
         cache.advance();

@@ -295,15 +295,25 @@ impl Tensors {
     }
 }
 
-/// Whether q/k/v (and gate/up) projections run as one stacked matmul. On the CPU it saves
-/// BLAS calls; on a GPU the two measured alike at batch 1 and 16 streams (8B 4-bit on an
-/// H200: 172 vs 178 tok/s, 630 vs 630; bench/README.md), and separate matmuls keep the peak
-/// lower (6.04 vs 6.91 GB). `MLXSERVER_FUSE_PROJECTIONS=0|1` overrides, for measurements.
-fn fuse_projections(device: DevicePolicy) -> bool {
+/// Which projections reading the same input run as one stacked matmul.
+///
+/// q/k/v everywhere: split by heads it is one quantized matmul and three slice views where
+/// separate ones are three matmuls and three reshapes, fewer nodes for MLX to encode on every
+/// decode step. gate/up only on the CPU (fewer BLAS calls): on a GPU the stacked 28672-wide
+/// weight raised the prompt pass's peak by 0.8 GiB (8B 4-bit on an H200, bench/README.md
+/// session 7) and saves no node (two slices replace the second matmul).
+/// `MLXSERVER_FUSE_PROJECTIONS=0|1` sets both, for measurements.
+#[derive(Clone, Copy)]
+struct Fusion {
+    qkv: bool,
+    gate_up: bool,
+}
+
+fn fusion(device: DevicePolicy) -> Fusion {
     match std::env::var("MLXSERVER_FUSE_PROJECTIONS").as_deref() {
-        Ok("0") => false,
-        Ok("1") => true,
-        _ => device.backend == super::device::Backend::Cpu,
+        Ok("0") => Fusion { qkv: false, gate_up: false },
+        Ok("1") => Fusion { qkv: true, gate_up: true },
+        _ => Fusion { qkv: true, gate_up: device.backend == super::device::Backend::Cpu },
     }
 }
 
@@ -344,7 +354,7 @@ fn build_decoder(mut tensors: Tensors, config_json: &Value, config: DecoderConfi
                 linear_with_bias(&mut tensors, &format!("{attn}.k_proj"))?,
                 linear_with_bias(&mut tensors, &format!("{attn}.v_proj"))?,
             ];
-            if fuse_projections(device) { Projections::new(parts)? } else { Projections::Separate(parts) }
+            if fusion(device).qkv { Projections::new(parts)? } else { Projections::Separate(parts) }
         };
         let o_proj = tensors.linear(&format!("{attn}.o_proj"), policy)?;
         let (q_norm, k_norm) = match config.qk_norm {
@@ -394,7 +404,7 @@ fn build_decoder(mut tensors: Tensors, config_json: &Value, config: DecoderConfi
             _ => FeedForward::Dense {
                 gate_up: {
                     let parts = vec![tensors.linear(&format!("{prefix}.mlp.gate_proj"), policy)?, tensors.linear(&format!("{prefix}.mlp.up_proj"), policy)?];
-                    if fuse_projections(device) { Projections::new(parts)? } else { Projections::Separate(parts) }
+                    if fusion(device).gate_up { Projections::new(parts)? } else { Projections::Separate(parts) }
                 },
                 down: tensors.linear(&format!("{prefix}.mlp.down_proj"), policy)?,
             },
