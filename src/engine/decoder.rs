@@ -19,6 +19,10 @@ use serde_json::Value;
 use super::nn::{BatchCache, Embedding, KvCache, Linear, Projections, Result, Weight};
 use super::EngineError;
 
+/// A prompt chunk of at least this many tokens is evaluated every PROMPT_SYNC_LAYERS layers.
+const PROMPT_SYNC_MIN_TOKENS: i32 = 64;
+const PROMPT_SYNC_LAYERS: usize = 8;
+
 /// The model families this engine runs, by Hugging Face `model_type`.
 pub const SUPPORTED_FAMILIES: &[&str] = &[
     "llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "phi3", "gemma2", "gemma3_text", "smollm3", "olmo2", "granite", "mixtral", "exaone4", "cohere2",
@@ -493,6 +497,8 @@ pub struct DecoderModel {
     pub lm_head: Option<Linear>,
     /// Activation dtype: the dtype of norms and dense weights (the loader's policy).
     pub dtype: Dtype,
+    /// Evaluate long prompt chunks in pieces of layers (on a GPU: see PROMPT_SYNC_LAYERS).
+    pub prompt_in_pieces: bool,
 }
 
 /// One sequence's place in a prefill pass.
@@ -842,6 +848,14 @@ impl DecoderModel {
                 let mask = kind.window.and_then(|w| window_masks.iter().find(|(mw, _)| *mw == w).map(|(_, m)| m));
                 self.merge_heads(&self.attend(&q, &keys, &values, mask, length > 1)?)
             })?;
+            if self.prompt_in_pieces && length >= PROMPT_SYNC_MIN_TOKENS && (index + 1) % PROMPT_SYNC_LAYERS == 0 && index + 1 < self.layers.len() {
+                // A prompt pass runs in pieces of a few layers: MLX's GPU backends keep each
+                // kernel's temporaries (a quantized matmul over many rows holds weight-sized
+                // ones) until the command buffer completes, so one graph over every layer held
+                // ~1.8 GiB beyond the weights at 8B shapes (bench/README.md, session 7).
+                let arrays: Vec<&Array> = std::iter::once(&x).chain(sequence.cache[..=index].iter().flat_map(KvCache::arrays)).collect();
+                mlx_rs::transforms::eval(arrays)?;
+            }
         }
         stream_norm(config, &x, &self.norm)
     }
