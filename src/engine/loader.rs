@@ -163,11 +163,15 @@ struct Tensors {
 struct QuantSpec {
     group_size: i32,
     overrides: HashMap<String, i32>,
+    /// A quantization mode other than MLX's affine one (`"mode": "mxfp4"` in config.json, as
+    /// gpt-oss folders have), for the whole model or any module: its packed weights would read
+    /// as affine ones and give garbage, so such a model is refused by name.
+    other_mode: Option<String>,
 }
 
 impl QuantSpec {
     fn gguf() -> Self {
-        QuantSpec { group_size: 32, overrides: HashMap::new() }
+        QuantSpec { group_size: 32, overrides: HashMap::new(), other_mode: None }
     }
 
     fn from_config(config: &Value) -> Self {
@@ -181,8 +185,19 @@ impl QuantSpec {
                     .collect()
             })
             .unwrap_or_default();
-        QuantSpec { group_size, overrides }
+        QuantSpec { group_size, overrides, other_mode: non_affine_mode(config) }
     }
+}
+
+/// The first quantization mode in config.json other than MLX's affine one, if any.
+pub(crate) fn non_affine_mode(config: &Value) -> Option<String> {
+    let block = &config["quantization"];
+    let modes = std::iter::once(&block["mode"]).chain(block.as_object().into_iter().flat_map(|map| map.values().map(|value| &value["mode"])));
+    modes.filter_map(Value::as_str).find(|mode| *mode != "affine").map(str::to_string)
+}
+
+pub(crate) fn unsupported_mode(mode: &str) -> String {
+    format!("quantized in MLX's \"{mode}\" mode; only affine quantization (MLX community's 2- to 8-bit folders) is supported")
 }
 
 impl Tensors {
@@ -199,6 +214,9 @@ impl Tensors {
         let weight = self.take(&format!("{prefix}.weight"))?;
         match self.take_optional(&format!("{prefix}.scales")) {
             Some(scales) => {
+                if let Some(mode) = &self.quantization.other_mode {
+                    return Err(invalid(&self.source, format!("{prefix} is {}", unsupported_mode(mode))));
+                }
                 let biases = self.take(&format!("{prefix}.biases"))?;
                 let group_size = self.quantization.overrides.get(prefix).copied().unwrap_or(self.quantization.group_size);
                 // Packed as u32: `in_features * bits / 32` words per row.

@@ -117,6 +117,9 @@ pub fn check_folder(folder: &Path) -> Result<(), String> {
         return Ok(());
     }
     let decoder = DecoderConfig::from_hf(&config).map_err(|e| e.to_string())?;
+    if let Some(mode) = super::loader::non_affine_mode(&config) {
+        return Err(format!("the model is {}", super::loader::unsupported_mode(&mode)));
+    }
     let find = |name: &str| tensors.get(name).or_else(|| tensors.get(&format!("language_model.{name}")));
     let embed = find("model.embed_tokens.weight").ok_or("no model.embed_tokens.weight tensor")?;
     let quantized = find("model.embed_tokens.scales").is_some();

@@ -336,6 +336,18 @@ fn pull_refuses_a_broken_model_before_listing_it() {
     let output = home.run(&["pull", cut.to_str().unwrap(), "--name", "cut"]);
     let said = format!("{}{}", crate::common::stdout(&output), crate::common::stderr(&output));
     assert!(!output.status.success() && said.contains("truncated"), "{said}");
+
+    // A quantization mode other than affine (gpt-oss folders use "mxfp4") is refused by name
+    // rather than read as affine weights.
+    let (_, quantized) = family_and_quantized_folders(root.path(), "phi3", &fixture, "4bit", 4, 64);
+    let config_path = quantized.join("config.json");
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["quantization"]["mode"] = Value::from("mxfp4");
+    std::fs::write(&config_path, serde_json::to_string(&config).unwrap()).unwrap();
+    let output = home.run(&["pull", quantized.to_str().unwrap(), "--name", "mxfp4"]);
+    let said = format!("{}{}", crate::common::stdout(&output), crate::common::stderr(&output));
+    assert!(!output.status.success() && said.contains("\"mxfp4\" mode") && said.contains("affine"), "{said}");
+    assert!(!crate::common::stdout(&home.run(&["list"])).contains("mxfp4"));
 }
 
 // ---------------------------------------------------------------------------------------
