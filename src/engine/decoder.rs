@@ -19,9 +19,9 @@ use serde_json::Value;
 use super::nn::{BatchCache, Embedding, KvCache, Linear, Projections, Result, Weight};
 use super::EngineError;
 
-/// A prompt chunk of at least this many tokens is evaluated every PROMPT_SYNC_LAYERS layers.
-const PROMPT_SYNC_MIN_TOKENS: i32 = 64;
-const PROMPT_SYNC_LAYERS: usize = 8;
+/// A prompt chunk of at least this many tokens is evaluated in pieces of layers where the
+/// model asks for it ([`DecoderModel::prompt_piece_layers`]).
+const PROMPT_PIECE_MIN_TOKENS: i32 = 64;
 
 /// The model families this engine runs, by Hugging Face `model_type`.
 pub const SUPPORTED_FAMILIES: &[&str] = &[
@@ -497,8 +497,9 @@ pub struct DecoderModel {
     pub lm_head: Option<Linear>,
     /// Activation dtype: the dtype of norms and dense weights (the loader's policy).
     pub dtype: Dtype,
-    /// Evaluate long prompt chunks in pieces of layers (on a GPU: see PROMPT_SYNC_LAYERS).
-    pub prompt_in_pieces: bool,
+    /// Evaluate long prompt chunks every this many layers (the loader sets 8 on a GPU: MLX's
+    /// GPU backends hold each kernel's temporaries until its command buffer completes).
+    pub prompt_piece_layers: Option<usize>,
 }
 
 /// One sequence's place in a prefill pass.
@@ -848,7 +849,8 @@ impl DecoderModel {
                 let mask = kind.window.and_then(|w| window_masks.iter().find(|(mw, _)| *mw == w).map(|(_, m)| m));
                 self.merge_heads(&self.attend(&q, &keys, &values, mask, length > 1)?)
             })?;
-            if self.prompt_in_pieces && length >= PROMPT_SYNC_MIN_TOKENS && (index + 1) % PROMPT_SYNC_LAYERS == 0 && index + 1 < self.layers.len() {
+            let piece_done = self.prompt_piece_layers.is_some_and(|piece| (index + 1) % piece.max(1) == 0);
+            if piece_done && length >= PROMPT_PIECE_MIN_TOKENS && index + 1 < self.layers.len() {
                 // A prompt pass runs in pieces of a few layers: MLX's GPU backends keep each
                 // kernel's temporaries (a quantized matmul over many rows holds weight-sized
                 // ones) until the command buffer completes, so one graph over every layer held

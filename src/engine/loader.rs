@@ -437,7 +437,7 @@ fn build_decoder(mut tensors: Tensors, config_json: &Value, config: DecoderConfi
     if embed_tokens.table.out_features() < config.vocab_size {
         return Err(invalid(&tensors.source, format!("the embedding table has {} rows for a vocabulary of {}", embed_tokens.table.out_features(), config.vocab_size)));
     }
-    Ok(DecoderModel { config, embed_tokens, layers, norm, lm_head, dtype: policy.dtype, prompt_in_pieces: device.backend != super::device::Backend::Cpu })
+    Ok(DecoderModel { config, embed_tokens, layers, norm, lm_head, dtype: policy.dtype, prompt_piece_layers: (device.backend != super::device::Backend::Cpu).then_some(8) })
 }
 
 // ---------------------------------------------------------------------------------------

@@ -206,6 +206,30 @@ fn quantized_families_match_mlx_lm_quantized() {
 
 /// The GPU dtype policy forced on the CPU: every family computes in bfloat16 from end to end
 /// (no silent float32 promotion), keys and values included.
+/// A long prompt evaluated in pieces of layers (what a GPU does to bound its temporaries) gives
+/// the same logits and caches as one graph over every layer, window masks included.
+#[test]
+fn prompt_in_pieces_of_layers_gives_the_same_answer() {
+    let _guard = mlx_lock();
+    let root = tempfile::tempdir().unwrap();
+    let prompt: Vec<i32> = (0..80).map(|i| 1 + (i * 37) % 500).collect();
+    for (name, fixture) in fixtures().into_iter().filter(|(name, _)| ["llama", "gemma2", "exaone4"].contains(&name.as_str())) {
+        let dir = root.path().join(&name);
+        write_family_folder(&fixture, &dir);
+        let mut model = load(&dir, DevicePolicy::new(Backend::Cpu, CpuDtype::Float32));
+        let mut outputs = Vec::new();
+        for piece in [None, Some(1)] {
+            model.prompt_piece_layers = piece;
+            let mut cache = model.new_cache();
+            let first = model.forward(&mlx_rs::Array::from_slice(&prompt, &[1, prompt.len() as i32]), &mut SequenceSlot { cache: &mut cache }).unwrap();
+            let next = model.forward(&mlx_rs::Array::from_slice(&[7i32], &[1, 1]), &mut SequenceSlot { cache: &mut cache }).unwrap();
+            let (keys, _) = cache[0].filled().unwrap();
+            outputs.push([first, next, keys].map(|a| a.as_dtype(Dtype::Float32).unwrap().reshape(&[-1]).unwrap().as_slice::<f32>().to_vec()));
+        }
+        assert!(outputs[0] == outputs[1], "{name}: evaluating the prompt in pieces changed the answer");
+    }
+}
+
 #[test]
 fn gpu_policy_keeps_one_dtype_through_the_forward_pass() {
     let _guard = mlx_lock();
