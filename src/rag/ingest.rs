@@ -113,8 +113,10 @@ struct Pending {
 /// interruption leaves it readable). Returns the chunks written per document (0 for
 /// documents already stored unchanged) and how many were unchanged.
 pub async fn add_documents(rag: &Rag, embedder: &dyn Embedder, options: &IngestOptions, documents: Vec<Document>, progress: &dyn Progress) -> Result<(Vec<usize>, usize), IngestError> {
-    let _writer = rag.lock_writer(&options.collection).await?;
-    add_documents_locked(rag, embedder, options, documents, progress).await
+    let writer = rag.lock_writer(&options.collection).await?;
+    let added = add_documents_locked(rag, embedder, options, documents, progress).await;
+    writer.release().await;
+    added
 }
 
 async fn add_documents_locked(rag: &Rag, embedder: &dyn Embedder, options: &IngestOptions, documents: Vec<Document>, progress: &dyn Progress) -> Result<(Vec<usize>, usize), IngestError> {
@@ -266,7 +268,7 @@ pub async fn add_folder(rag: &Rag, embedder: &dyn Embedder, dir: &Path, options:
         }
     }
     // One lock over adding and removing: another writer sees the folder's state whole.
-    let _writer = rag.lock_writer(&options.collection).await?;
+    let writer = rag.lock_writer(&options.collection).await?;
     let (written, unchanged) = add_documents_locked(rag, embedder, options, documents, progress).await?;
     report.files_unchanged = unchanged;
     report.files_added = written.iter().filter(|n| **n > 0).count();
@@ -283,5 +285,6 @@ pub async fn add_folder(rag: &Rag, embedder: &dyn Embedder, dir: &Path, options:
     }
     report.files_removed = gone.len();
     report.elapsed = started.elapsed();
+    writer.release().await;
     Ok(report)
 }

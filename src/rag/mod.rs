@@ -173,9 +173,38 @@ struct Indexed {
     vector: bool,
 }
 
-/// Held while one process writes a collection; released when dropped.
+/// Held while one process writes a collection; released when dropped (on object storage,
+/// [`WriterLock::release`] removes the lock at once; dropping leaves it to a spawned task).
 pub struct WriterLock {
     _file: Option<std::fs::File>,
+    /// On object storage: the lock table this writer created.
+    remote: Option<(lancedb::Connection, String)>,
+}
+
+/// A lock on object storage older than this was left by a writer that died; it is removed.
+const REMOTE_LOCK_STALE: std::time::Duration = std::time::Duration::from_secs(30 * 60);
+const LOCK_CREATED_KEY: &str = "mlxserver.lock_created_unix";
+
+impl WriterLock {
+    pub async fn release(mut self) {
+        if let Some((connection, name)) = self.remote.take() {
+            if let Err(error) = connection.drop_table(&name, &[]).await {
+                tracing::warn!(%error, lock = name, "could not remove the collection's write lock");
+            }
+        }
+    }
+}
+
+impl Drop for WriterLock {
+    fn drop(&mut self) {
+        if let Some((connection, name)) = self.remote.take() {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    let _ = connection.drop_table(&name, &[]).await;
+                });
+            }
+        }
+    }
 }
 
 impl Rag {
@@ -183,11 +212,13 @@ impl Rag {
     /// and keeps it so until the lock is dropped. Readers never wait. Two writers that decide
     /// what to add from what is stored would otherwise both add the same new file; LanceDB's
     /// own conflict handling keeps each commit whole but does not see such duplicates.
-    /// Object storage has no file locks: there, writers of one collection must take turns.
+    /// Object storage has no file locks: there the lock is a table `<collection>.writer`,
+    /// created by whoever takes it (LanceDB's create is a conditional put: one wins) and
+    /// dropped when done; one left by a writer that died is removed after REMOTE_LOCK_STALE.
     pub async fn lock_writer(&self, collection: &str) -> Result<WriterLock> {
         check_collection(collection)?;
         let Some(root) = self.local_root() else {
-            return Ok(WriterLock { _file: None });
+            return self.lock_writer_remote(collection).await;
         };
         let path = root.join(format!(".{collection}.write-lock"));
         let file = tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
@@ -205,7 +236,34 @@ impl Rag {
         .await
         .map_err(|e| RagError::Database(e.to_string()))?
         .map_err(|e| RagError::Database(format!("locking the collection {collection}: {e}")))?;
-        Ok(WriterLock { _file: Some(file) })
+        Ok(WriterLock { _file: Some(file), remote: None })
+    }
+
+    async fn lock_writer_remote(&self, collection: &str) -> Result<WriterLock> {
+        let name = format!("{collection}.writer");
+        let mut wait = std::time::Duration::from_millis(50);
+        loop {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+            let schema = Arc::new(Schema::new(vec![Field::new("holder", DataType::Utf8, true)]).with_metadata([(LOCK_CREATED_KEY.to_string(), now.to_string())].into_iter().collect()));
+            match self.connection.create_empty_table(&name, schema).execute().await {
+                Ok(_) => return Ok(WriterLock { _file: None, remote: Some((self.connection.clone(), name)) }),
+                Err(lancedb::Error::TableAlreadyExists { .. }) => {
+                    let created = match self.connection.open_table(&name).execute().await {
+                        Ok(table) => table.schema().await?.metadata().get(LOCK_CREATED_KEY).and_then(|t| t.parse::<u64>().ok()),
+                        // Released between our create and open: try again at once.
+                        Err(_) => continue,
+                    };
+                    if created.is_some_and(|created| now.saturating_sub(created) > REMOTE_LOCK_STALE.as_secs()) {
+                        tracing::warn!(lock = name, "removing a stale collection write lock");
+                        let _ = self.connection.drop_table(&name, &[]).await;
+                        continue;
+                    }
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(std::time::Duration::from_secs(2));
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
     }
 
     pub async fn open(uri: &str) -> Result<Rag> {
@@ -219,6 +277,8 @@ impl Rag {
 
     pub async fn collections(&self) -> Result<Vec<String>> {
         let mut names = self.connection.table_names().execute().await?;
+        // Write locks on object storage (`<collection>.writer`) are not collections.
+        names.retain(|name| check_collection(name).is_ok());
         names.sort();
         Ok(names)
     }
@@ -241,16 +301,21 @@ impl Rag {
 
     /// Opens (or creates) a collection for `model`, refusing one built with another model.
     pub async fn collection_for(&self, collection: &str, model: &str, dimension: usize) -> Result<Table> {
-        match self.table(collection).await? {
-            Some(table) => {
-                let (built_with, built_dimension) = Self::binding(&table).await?;
-                if built_with != model || built_dimension != dimension {
-                    return Err(RagError::ModelMismatch { collection: collection.into(), built_with, requested: model.into() });
-                }
-                Ok(table)
-            }
-            None => Ok(self.connection.create_empty_table(collection, schema(model, dimension)).execute().await?),
+        let table = match self.table(collection).await? {
+            Some(table) => table,
+            None => match self.connection.create_empty_table(collection, schema(model, dimension)).execute().await {
+                Ok(table) => return Ok(table),
+                // Another server created it in the meantime (object storage has no lock to
+                // take turns with): use theirs, if it was made for the same model.
+                Err(lancedb::Error::TableAlreadyExists { .. }) => self.connection.open_table(collection).execute().await?,
+                Err(error) => return Err(error.into()),
+            },
+        };
+        let (built_with, built_dimension) = Self::binding(&table).await?;
+        if built_with != model || built_dimension != dimension {
+            return Err(RagError::ModelMismatch { collection: collection.into(), built_with, requested: model.into() });
         }
+        Ok(table)
     }
 
     /// The embedding model of an existing collection.
@@ -425,6 +490,24 @@ impl Rag {
     /// (flat search stays exact and is fast enough below that; bench/README.md has the
     /// figures).
     pub async fn refresh_indices(table: &Table) -> Result<()> {
+        // Servers sharing a collection on object storage (no lock to take turns with) can
+        // build or extend an index at the same moment; LanceDB then refuses one commit as a
+        // retryable conflict. Retry on the latest version (whose indices may be done already).
+        let mut attempt = 0;
+        loop {
+            match Self::refresh_indices_once(table).await {
+                Err(RagError::Database(detail)) if detail.to_ascii_lowercase().contains("commit conflict") && attempt < 5 => {
+                    attempt += 1;
+                    tracing::debug!(attempt, %detail, "index commit conflict, retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(50 << attempt)).await;
+                    table.checkout_latest().await?;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn refresh_indices_once(table: &Table) -> Result<()> {
         use lancedb::index::{scalar::FtsIndexBuilder, Index};
         use lancedb::table::{OptimizeAction, OptimizeOptions};
         let indexed = Self::indexed(table).await?;
@@ -463,7 +546,13 @@ impl Rag {
 
     /// Deletes a collection; returns whether it existed.
     pub async fn clear(&self, collection: &str) -> Result<bool> {
-        let _writer = self.lock_writer(collection).await?;
+        let writer = self.lock_writer(collection).await?;
+        let cleared = self.clear_locked(collection).await;
+        writer.release().await;
+        cleared
+    }
+
+    async fn clear_locked(&self, collection: &str) -> Result<bool> {
         if !self.collections().await?.iter().any(|n| n == collection) {
             return Ok(false);
         }

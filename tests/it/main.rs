@@ -13,6 +13,8 @@ mod hub;
 mod i18n_catalogs;
 mod models;
 mod rag;
+#[cfg(feature = "rag-s3")]
+mod rag_s3;
 mod rerank;
 mod server_shell;
 mod templates;

@@ -1,0 +1,129 @@
+//! RAG collections on object storage (`rag.uri = "s3://bucket/path"`, the `rag-s3` build)
+//! against a real S3-compatible server: moto's server (PyPI `moto[server]`), started here on a
+//! free port. `scripts/test-s3.sh` makes its venv and runs these tests; they are not part of
+//! the default build (LanceDB's AWS support adds the AWS SDK to the build).
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::serving::{home_with_models, start, CHAT, EMBED};
+
+/// A moto S3 server with one empty bucket, stopped when dropped.
+struct S3Server {
+    child: std::process::Child,
+    endpoint: String,
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn moto_server() -> std::path::PathBuf {
+    if let Some(path) = std::env::var_os("MOTO_SERVER") {
+        return path.into();
+    }
+    let cache = std::env::var_os("MLXSERVER_CACHE").map(std::path::PathBuf::from).unwrap_or_else(|| std::path::PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/mlxserver"));
+    let path = cache.join("motovenv/bin/moto_server");
+    assert!(path.exists(), "{} is missing: run scripts/test-s3.sh (it installs moto[server] there)", path.display());
+    path
+}
+
+async fn s3_with_bucket(bucket: &str) -> S3Server {
+    let port = crate::common::free_port();
+    let child = std::process::Command::new(moto_server()).args(["-H", "127.0.0.1", "-p", &port.to_string()]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().expect("start moto_server");
+    let server = S3Server { child, endpoint: format!("http://127.0.0.1:{port}") };
+    let client = reqwest::Client::new();
+    let started = std::time::Instant::now();
+    loop {
+        // moto does not check signatures: a plain PUT creates the bucket.
+        if let Ok(response) = client.put(format!("{}/{bucket}", server.endpoint)).send().await {
+            assert!(response.status().is_success(), "creating the bucket: {}", response.status());
+            return server;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "moto_server did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// What the servers (and this process, to read the table) need to reach the S3 stand-in:
+/// LanceDB reads the usual AWS_* variables.
+fn s3_env(endpoint: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("AWS_ENDPOINT", endpoint.to_string()),
+        ("AWS_ALLOW_HTTP", "true".into()),
+        ("AWS_ACCESS_KEY_ID", "testing".into()),
+        ("AWS_SECRET_ACCESS_KEY", "testing".into()),
+        ("AWS_REGION", "us-east-1".into()),
+    ]
+}
+
+async fn post_json(server: &crate::common::ServerProcess, path: &str, body: &Value) -> (u16, Value) {
+    let response = reqwest::Client::builder().timeout(Duration::from_secs(300)).build().unwrap().post(server.url(path)).json(body).send().await.unwrap();
+    (response.status().as_u16(), response.json().await.unwrap())
+}
+
+async fn add_via(server: &crate::common::ServerProcess, collection: &str, documents: &[Value]) -> Value {
+    let (status, added) = post_json(server, "/api/rag/documents", &json!({"collection": collection, "model": EMBED, "documents": documents})).await;
+    assert_eq!(status, 200, "{added}");
+    added
+}
+
+/// Two servers on one S3 collection: what one adds the other retrieves; both adding different
+/// documents at the same moment lose none of them (LanceDB's conditional-put commits, retried
+/// on conflict); a document added again is found unchanged, not stored twice.
+#[tokio::test]
+async fn two_servers_share_a_collection_on_s3() {
+    let _guard = crate::engine_reference::mlx_lock();
+    let s3 = s3_with_bucket("mlxserver-rag").await;
+    let uri = "s3://mlxserver-rag/collections";
+    let env = s3_env(&s3.endpoint);
+    let mut server_env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    server_env.push(("MLXSERVER_RAG_URI", uri));
+    let (home_a, home_b) = (home_with_models(), home_with_models());
+    let server_a = start(&home_a, &server_env, &[]);
+    let server_b = start(&home_b, &server_env, &[]);
+
+    let note = json!({"source": "vault.txt", "text": "The code of the Harrowgate vault is 7741, changed every March."});
+    assert_eq!(add_via(&server_a, "shared", &[note.clone()]).await["chunks"], 1);
+    let body = json!({"model": CHAT, "messages": [{"role": "user", "content": "What is the code of the Harrowgate vault?"}], "rag": {"collection": "shared", "top_k": 1}, "max_tokens": 1});
+    let (status, answer) = post_json(&server_b, "/v1/chat/completions", &body).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["rag"]["sources"][0]["source"], "vault.txt", "{}", answer["rag"]);
+    let again = add_via(&server_b, "shared", &[note]).await;
+    assert_eq!((again["added"].as_u64(), again["unchanged"].as_u64()), (Some(0), Some(1)), "{again}");
+
+    let documents = |server: &str| -> Vec<Value> {
+        (0..6).map(|i| json!({"source": format!("{server}-{i}.txt"), "text": format!("Note {i} written through server {server}: lane {} is closed on day {}.", i % 3, i + 1)})).collect()
+    };
+    let (documents_a, documents_b) = (documents("a"), documents("b"));
+    let (from_a, from_b) = tokio::join!(add_via(&server_a, "race", &documents_a), add_via(&server_b, "race", &documents_b));
+    assert_eq!((from_a["added"].as_u64(), from_b["added"].as_u64()), (Some(6), Some(6)), "{from_a} {from_b}");
+    for (key, value) in &env {
+        std::env::set_var(key, value);
+    }
+    let rag = mlxserver::rag::Rag::open(uri).await.unwrap();
+    let rows = rag.rows("race").await.unwrap();
+    let mut sources: Vec<String> = rows.iter().map(|(source, _, _, _)| source.clone()).collect();
+    sources.sort();
+    let expected: Vec<String> = ["a", "b"].iter().flat_map(|s| (0..6).map(move |i| format!("{s}-{i}.txt"))).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+    assert_eq!(sources, expected, "every document of both servers, each once");
+
+    // Both adding the same new documents at once: the collection's write lock (a table on
+    // the bucket) makes them take turns, so each is stored once.
+    let same: Vec<Value> = (0..8).map(|i| json!({"source": format!("same-{i}.txt"), "text": format!("Shared note {i}: the ferry leaves at {} o'clock.", 6 + i)})).collect();
+    let (first, second) = tokio::join!(add_via(&server_a, "race", &same), add_via(&server_b, "race", &same));
+    assert_eq!(first["added"].as_u64().unwrap() + second["added"].as_u64().unwrap(), 8, "{first} {second}");
+    assert_eq!(first["unchanged"].as_u64().unwrap() + second["unchanged"].as_u64().unwrap(), 8, "{first} {second}");
+    let rows = rag.rows("race").await.unwrap();
+    let same_rows = rows.iter().filter(|(source, _, _, _)| source.starts_with("same-")).count();
+    assert_eq!(same_rows, 8, "duplicate chunks");
+    // The lock was released (taken again at once here) and is not listed as a collection.
+    let lock = tokio::time::timeout(Duration::from_secs(10), rag.lock_writer("race")).await.expect("the write lock was left behind").unwrap();
+    lock.release().await;
+    let status: Value = reqwest::get(server_a.url("/api/rag/status")).await.unwrap().json().await.unwrap();
+    assert!(!status.to_string().contains(".writer"), "{status}");
+}
