@@ -51,7 +51,7 @@ async fn ask(server: &crate::common::ServerProcess, question: &str) -> Value {
 }
 
 /// POSTs a JSON body and returns the status and the JSON answer.
-async fn post_json(server: &crate::common::ServerProcess, path: &str, body: &Value) -> (u16, Value) {
+pub(crate) async fn post_json(server: &crate::common::ServerProcess, path: &str, body: &Value) -> (u16, Value) {
     let response = reqwest::Client::new().post(server.url(path)).json(body).send().await.unwrap();
     (response.status().as_u16(), response.json().await.unwrap())
 }
@@ -249,7 +249,7 @@ async fn hybrid_retrieval_finds_rare_terms() {
     }
 }
 
-async fn add_via(server: &crate::common::ServerProcess, collection: &str, documents: &[Value]) -> Value {
+pub(crate) async fn add_via(server: &crate::common::ServerProcess, collection: &str, documents: &[Value]) -> Value {
     let (status, added) = post_json(server, "/api/rag/documents", &json!({"collection": collection, "model": EMBED, "documents": documents})).await;
     assert_eq!(status, 200, "{added}");
     added

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::serving::{home_with_models, start, CHAT, EMBED};
+use crate::rag::{add_via, post_json};
+use crate::serving::{home_with_models, start, CHAT};
 
 /// A moto S3 server with one empty bucket, stopped when dropped.
 struct S3Server {
@@ -59,17 +60,6 @@ fn s3_env(endpoint: &str) -> Vec<(&'static str, String)> {
         ("AWS_SECRET_ACCESS_KEY", "testing".into()),
         ("AWS_REGION", "us-east-1".into()),
     ]
-}
-
-async fn post_json(server: &crate::common::ServerProcess, path: &str, body: &Value) -> (u16, Value) {
-    let response = reqwest::Client::builder().timeout(Duration::from_secs(300)).build().unwrap().post(server.url(path)).json(body).send().await.unwrap();
-    (response.status().as_u16(), response.json().await.unwrap())
-}
-
-async fn add_via(server: &crate::common::ServerProcess, collection: &str, documents: &[Value]) -> Value {
-    let (status, added) = post_json(server, "/api/rag/documents", &json!({"collection": collection, "model": EMBED, "documents": documents})).await;
-    assert_eq!(status, 200, "{added}");
-    added
 }
 
 /// Two servers on one S3 collection: what one adds the other retrieves; both adding different
