@@ -204,8 +204,6 @@ fn quantized_families_match_mlx_lm_quantized() {
     assert!(checked >= 3, "only {checked} quantized references");
 }
 
-/// The GPU dtype policy forced on the CPU: every family computes in bfloat16 from end to end
-/// (no silent float32 promotion), keys and values included.
 /// A long prompt evaluated in pieces of layers (what a GPU does to bound its temporaries) gives
 /// the same logits and caches as one graph over every layer, window masks included.
 #[test]
@@ -230,6 +228,8 @@ fn prompt_in_pieces_of_layers_gives_the_same_answer() {
     }
 }
 
+/// The GPU dtype policy forced on the CPU: every family computes in bfloat16 from end to end
+/// (no silent float32 promotion), keys and values included.
 #[test]
 fn gpu_policy_keeps_one_dtype_through_the_forward_pass() {
     let _guard = mlx_lock();
