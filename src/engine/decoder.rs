@@ -22,6 +22,8 @@ use super::EngineError;
 /// A prompt chunk of at least this many tokens is evaluated in pieces of layers where the
 /// model asks for it ([`DecoderModel::prompt_piece_layers`]).
 const PROMPT_PIECE_MIN_TOKENS: i32 = 64;
+/// Layers per piece on a GPU: at most this many layers' temporaries are held at once.
+pub const GPU_PROMPT_PIECE_LAYERS: usize = 8;
 
 /// The model families this engine runs, by Hugging Face `model_type`.
 pub const SUPPORTED_FAMILIES: &[&str] = &[
@@ -497,8 +499,9 @@ pub struct DecoderModel {
     pub lm_head: Option<Linear>,
     /// Activation dtype: the dtype of norms and dense weights (the loader's policy).
     pub dtype: Dtype,
-    /// Evaluate long prompt chunks every this many layers (the loader sets 8 on a GPU: MLX's
-    /// GPU backends hold each kernel's temporaries until its command buffer completes).
+    /// Evaluate long prompt chunks every this many layers (the loader sets
+    /// GPU_PROMPT_PIECE_LAYERS on a GPU: MLX's GPU backends hold each kernel's temporaries
+    /// until its command buffer completes).
     pub prompt_piece_layers: Option<usize>,
 }
 

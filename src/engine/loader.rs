@@ -356,6 +356,7 @@ fn build_decoder(mut tensors: Tensors, config_json: &Value, config: DecoderConfi
     }
     let embed = tensors.weight("model.embed_tokens")?;
     let embed_tokens = Embedding { table: embed.prepared(policy)? };
+    let fusion = fusion(device);
     let mut layers = Vec::with_capacity(config.num_layers);
     for (index, kind) in config.layers.iter().enumerate() {
         let prefix = format!("model.layers.{index}");
@@ -372,7 +373,7 @@ fn build_decoder(mut tensors: Tensors, config_json: &Value, config: DecoderConfi
                 linear_with_bias(&mut tensors, &format!("{attn}.k_proj"))?,
                 linear_with_bias(&mut tensors, &format!("{attn}.v_proj"))?,
             ];
-            if fusion(device).qkv { Projections::new(parts)? } else { Projections::Separate(parts) }
+            if fusion.qkv { Projections::new(parts)? } else { Projections::Separate(parts) }
         };
         let o_proj = tensors.linear(&format!("{attn}.o_proj"), policy)?;
         let (q_norm, k_norm) = match config.qk_norm {
@@ -422,7 +423,7 @@ fn build_decoder(mut tensors: Tensors, config_json: &Value, config: DecoderConfi
             _ => FeedForward::Dense {
                 gate_up: {
                     let parts = vec![tensors.linear(&format!("{prefix}.mlp.gate_proj"), policy)?, tensors.linear(&format!("{prefix}.mlp.up_proj"), policy)?];
-                    if fusion(device).gate_up { Projections::new(parts)? } else { Projections::Separate(parts) }
+                    if fusion.gate_up { Projections::new(parts)? } else { Projections::Separate(parts) }
                 },
                 down: tensors.linear(&format!("{prefix}.mlp.down_proj"), policy)?,
             },
@@ -437,7 +438,7 @@ fn build_decoder(mut tensors: Tensors, config_json: &Value, config: DecoderConfi
     if embed_tokens.table.out_features() < config.vocab_size {
         return Err(invalid(&tensors.source, format!("the embedding table has {} rows for a vocabulary of {}", embed_tokens.table.out_features(), config.vocab_size)));
     }
-    Ok(DecoderModel { config, embed_tokens, layers, norm, lm_head, dtype: policy.dtype, prompt_piece_layers: (device.backend != super::device::Backend::Cpu).then_some(8) })
+    Ok(DecoderModel { config, embed_tokens, layers, norm, lm_head, dtype: policy.dtype, prompt_piece_layers: (device.backend != super::device::Backend::Cpu).then_some(super::decoder::GPU_PROMPT_PIECE_LAYERS) })
 }
 
 // ---------------------------------------------------------------------------------------
