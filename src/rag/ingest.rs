@@ -269,22 +269,28 @@ pub async fn add_folder(rag: &Rag, embedder: &dyn Embedder, dir: &Path, options:
     }
     // One lock over adding and removing: another writer sees the folder's state whole.
     let writer = rag.lock_writer(&options.collection).await?;
-    let (written, unchanged) = add_documents_locked(rag, embedder, options, documents, progress).await?;
-    report.files_unchanged = unchanged;
-    report.files_added = written.iter().filter(|n| **n > 0).count();
-    report.chunks_added = written.iter().sum();
-    // Files that were under this folder before and are gone now.
-    let model = model_name(&options.model)?;
-    let dimensions = embedder.open(&model).await?.dimensions();
-    let table = rag.collection_for(&options.collection, &model, dimensions).await?;
-    let prefix = format!("{}{}", dir.display(), std::path::MAIN_SEPARATOR);
-    let stored: HashMap<(String, String), usize> = Rag::stored_files(&table).await?;
-    let gone: HashSet<String> = stored.keys().map(|(s, _)| s.clone()).filter(|s| s.starts_with(&prefix) && !seen.contains(s)).collect();
-    for source in &gone {
-        Rag::delete(&table, &format!("source = {}", quote(source))).await?;
+    let updated: Result<(), IngestError> = async {
+        let (written, unchanged) = add_documents_locked(rag, embedder, options, documents, progress).await?;
+        report.files_unchanged = unchanged;
+        report.files_added = written.iter().filter(|n| **n > 0).count();
+        report.chunks_added = written.iter().sum();
+        // Files that were under this folder before and are gone now.
+        let model = model_name(&options.model)?;
+        let dimensions = embedder.open(&model).await?.dimensions();
+        let table = rag.collection_for(&options.collection, &model, dimensions).await?;
+        let prefix = format!("{}{}", dir.display(), std::path::MAIN_SEPARATOR);
+        let stored: HashMap<(String, String), usize> = Rag::stored_files(&table).await?;
+        let gone: HashSet<String> = stored.keys().map(|(s, _)| s.clone()).filter(|s| s.starts_with(&prefix) && !seen.contains(s)).collect();
+        for source in &gone {
+            Rag::delete(&table, &format!("source = {}", quote(source))).await?;
+        }
+        report.files_removed = gone.len();
+        Ok(())
     }
-    report.files_removed = gone.len();
-    report.elapsed = started.elapsed();
+    .await;
+    // Released on failure too: on object storage a lock left to Drop may outlive a CLI run.
     writer.release().await;
+    updated?;
+    report.elapsed = started.elapsed();
     Ok(report)
 }
