@@ -25,6 +25,11 @@ export LD_LIBRARY_PATH="$SP/mlx/lib:${LD_LIBRARY_PATH:-}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 NCCL_NVLS_ENABLE=0
 result() { echo "$1" | tee -a "$OUT/results.jsonl"; }
 gpu_mem() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1; }
+# The random Llama-3.1-8B-shaped model (bf16) and engine_bench's 4-bit g64 copy of it, each
+# made once per machine.
+M="$W/m/big-hf"; Q="$M-4bit"
+big_model() { [ -d "$M" ] || python3 "$(dirname "$0")/make_random_model.py" "$M" "$W/b/tokenizer" --shape 8b >/dev/null; }
+big_4bit() { big_model || return 1; [ -d "$Q" ] || "$W/b/bin/engine_bench" "$M" --quantize 4 --prompt-tokens 16 --decode-tokens 4 --runs 1 >/dev/null 2>"$OUT/quantize.log"; }
 
 case "$stage" in
 receive)
@@ -100,8 +105,8 @@ serve)
 memory)
   # The served path's memory under rounds of 16 concurrent streams (prefix cache and MLX buffer
   # cache at their defaults): MLX's and the GPU's peaks against weights + KV + those bounds.
-  B="$W/b/bin"; M="$W/m/big-hf"; export MLXSERVER_HOME="$W/home" MLXSERVER_METRICS=true
-  [ -d "$M" ] || python3 "$(dirname "$0")/make_random_model.py" "$M" "$W/b/tokenizer" --shape 8b >/dev/null || exit 1
+  B="$W/b/bin"; export MLXSERVER_HOME="$W/home" MLXSERVER_METRICS=true
+  big_model || exit 1
   [ -f "$W/home/models/big/manifest.json" ] || "$B/mlxserver" pull "$M" --name big --quantize 4 2>&1 | tail -1
   port=27124
   "$B/mlxserver" serve --port $port >"$OUT/serve-memory.log" 2>&1 &
@@ -113,10 +118,8 @@ memory)
 engine)
   # The engine alone, on the random 8B model quantized by engine_bench itself (group 64):
   # where decode time goes (MLXSERVER_PROFILE), and mlx-lm on the very same 4-bit folder.
-  B="$W/b/bin"; M="$W/m/big-hf"
-  [ -d "$M" ] || python3 "$(dirname "$0")/make_random_model.py" "$M" "$W/b/tokenizer" --shape 8b >/dev/null || exit 1
-  "$B/engine_bench" "$M" --quantize 4 --prompt-tokens 16 --decode-tokens 4 --runs 1 >/dev/null 2>"$OUT/quantize.log"; tail -1 "$OUT/quantize.log"
-  Q="$M-4bit"
+  B="$W/b/bin"
+  big_4bit || exit 1; tail -1 "$OUT/quantize.log" 2>/dev/null
   # MLX's CUDA backend commits a CUDA graph every MLX_MAX_OPS_PER_BUFFER kernels (100 on
   # sm90); 50, 300 and 1200 measured alike (bench/README.md), so they are not swept here.
   # SETTINGS="a;b" replaces the batch-1 variants (each a list of VAR=value).
@@ -133,9 +136,8 @@ compare)
   # Batch-1 decode of ours and mlx-lm's alternated on the same 4-bit folder (machines of this
   # kind vary by 15% and more between runs, so one run of each compares little), then batch 16
   # without the profiler (its per-phase resets of MLX's peak counter hide the serving peak).
-  B="$W/b/bin"; M="$W/m/big-hf"; Q="$M-4bit"
-  [ -d "$M" ] || python3 "$(dirname "$0")/make_random_model.py" "$M" "$W/b/tokenizer" --shape 8b >/dev/null || exit 1
-  [ -d "$Q" ] || "$B/engine_bench" "$M" --quantize 4 --prompt-tokens 16 --decode-tokens 4 --runs 1 >/dev/null 2>"$OUT/quantize.log"
+  B="$W/b/bin"
+  big_4bit || exit 1
   mlxlm() { python3 -m mlx_lm benchmark --model "$Q" -p 512 -g 128 -b "$1" -n 3 2>&1 | tail -1 | sed "s/^/mlx-lm b$1: /" | tee -a "$OUT/results.jsonl"; }
   for round in ${ROUNDS:-1 2 3}; do
     echo "== round $round"
@@ -157,9 +159,8 @@ families)
 decode)
   # Decode only, on the same 4-bit folder for us and mlx-lm: the server's MLX buffer-cache
   # bound against an unbounded one (is a freed buffer reallocated every step?).
-  B="$W/b/bin"; M="$W/m/big-hf"; Q="$M-4bit"
-  [ -d "$M" ] || python3 "$(dirname "$0")/make_random_model.py" "$M" "$W/b/tokenizer" --shape 8b >/dev/null || exit 1
-  [ -d "$Q" ] || "$B/engine_bench" "$M" --quantize 4 --prompt-tokens 16 --decode-tokens 4 --runs 1 >/dev/null 2>"$OUT/quantize.log"
+  B="$W/b/bin"
+  big_4bit || exit 1
   for setting in "" "MLXSERVER_PIPELINE=0"; do
     echo "== batch 1 $setting"
     env MLXSERVER_PROFILE=1 $setting "$B/engine_bench" "$Q" --prompt-tokens 512 --decode-tokens 128 --runs 3 --cache-limit 100000000000 2>"$OUT/decode.log" | tee -a "$OUT/results.jsonl"; grep "decode profile" "$OUT/decode.log" | tail -1
@@ -169,7 +170,7 @@ decode)
 kernels)
   # GPU time of each kernel over about one decode step in the middle of a run (Nsight
   # Compute: kernels 30000..31000 of the process), ours and mlx-lm's on the same folder.
-  B="$W/b/bin"; Q="$W/m/big-hf-4bit"; N=/opt/nvidia/nsight-compute/ncu
+  B="$W/b/bin"; N=/opt/nvidia/nsight-compute/ncu
   [ -x "$N" ] || N=$(ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
   summary() { python3 "$(dirname "$0")/ncu_summary.py" "$1"; }
   "$N" --launch-skip 30000 --launch-count 1000 --metrics gpu__time_duration.sum --csv --page raw "$B/engine_bench" "$Q" --prompt-tokens 16 --decode-tokens 64 --runs 1 >"$OUT/ncu-ours.csv" 2>"$OUT/ncu-ours.log"; echo "== ours"; summary "$OUT/ncu-ours.csv"
