@@ -11,7 +11,7 @@ use mlx_rs::fast::{self, ScaledDotProductAttentionMask};
 use mlx_rs::ops::indexing::IndexOp;
 use mlx_rs::{ops, Array, Dtype};
 
-use super::nn::{Linear, Result};
+use super::nn::{Linear, Projections, Result, Weight};
 use super::{host, EngineError};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -44,9 +44,8 @@ impl LayerNorm {
 }
 
 pub struct BertLayer {
-    pub query: Linear,
-    pub key: Linear,
-    pub value: Linear,
+    /// Query, key and value, stacked into one product when their weights allow.
+    pub qkv: Projections,
     pub attention_output: Linear,
     pub attention_norm: LayerNorm,
     pub intermediate: Linear,
@@ -126,7 +125,55 @@ fn gelu(x: &Array) -> Result<Array> {
     Ok(x.multiply(&half)?.multiply(ops::erf(&scaled)?.add(Array::from_f32(1.0))?)?)
 }
 
+/// A layer's dense float32 weights, as the host path reads them: (weight, bias) per product.
+struct HostWeights<'a> {
+    qkv: (&'a Array, &'a Array),
+    attention_output: (&'a Array, &'a Array),
+    intermediate: (&'a Array, &'a Array),
+    output: (&'a Array, &'a Array),
+}
+
+fn dense_f32(linear: &Linear) -> Option<(&Array, &Array)> {
+    match (&linear.weight, &linear.bias) {
+        (Weight::Dense(weight), Some(bias)) if weight.dtype() == Dtype::Float32 && bias.dtype() == Dtype::Float32 => Some((weight, bias)),
+        _ => None,
+    }
+}
+
+/// One post-norm layer on the CPU: MLX's BLAS for the four products (bias-free, so each is a
+/// single sgemm), the host kernels for what lies between them (biases folded in there).
+/// `rows` is `[batch * length, hidden]`.
+#[allow(clippy::too_many_arguments)]
+fn host_layer(layer: &BertLayer, weights: &HostWeights, rows: &Array, length: usize, heads: usize, scale: f32, valid: &[usize], eps: f32) -> Result<Array> {
+    let qkv = ops::matmul(rows, weights.qkv.0.t())?;
+    let attended = host::attention(&qkv, weights.qkv.1, length, heads, scale, valid)?;
+    let projected = ops::matmul(&attended, weights.attention_output.0.t())?;
+    let joined = host::add_layer_norm(rows, &projected, weights.attention_output.1, &layer.attention_norm.weight, &layer.attention_norm.bias, eps)?;
+    let inner = host::gelu_with_bias(&ops::matmul(&joined, weights.intermediate.0.t())?, weights.intermediate.1)?;
+    let out = ops::matmul(&inner, weights.output.0.t())?;
+    host::add_layer_norm(&joined, &out, weights.output.1, &layer.output_norm.weight, &layer.output_norm.bias, eps)
+}
+
 impl BertModel {
+    /// Every layer's weights for the host path, when MLX is on the CPU and they are all dense
+    /// float32 with biases (else None: MLX's ops run the layers).
+    fn host_weights(&self) -> Option<Vec<HostWeights<'_>>> {
+        if !self.host_kernels {
+            return None;
+        }
+        let norms_f32 = |norm: &LayerNorm| norm.weight.dtype() == Dtype::Float32 && norm.bias.dtype() == Dtype::Float32;
+        self.layers
+            .iter()
+            .map(|layer| {
+                let Projections::Fused { linear, .. } = &layer.qkv else { return None };
+                if !norms_f32(&layer.attention_norm) || !norms_f32(&layer.output_norm) {
+                    return None;
+                }
+                Some(HostWeights { qkv: dense_f32(linear)?, attention_output: dense_f32(&layer.attention_output)?, intermediate: dense_f32(&layer.intermediate)?, output: dense_f32(&layer.output)? })
+            })
+            .collect()
+    }
+
     /// The encoder's last hidden states `[B, L, hidden]` for `ids` and `mask` (`[B, L]`, mask
     /// 1 for real tokens, 0 for padding); `type_ids` (`[B, L]`) picks each token's
     /// token-type embedding (all type 0 when None, as for single texts).
@@ -154,13 +201,19 @@ impl BertModel {
         } else {
             Vec::new()
         };
+        if let Some(weights) = self.host_weights() {
+            let mut rows = x.reshape(&[batch * length, config.hidden_size])?;
+            for (layer, weights) in self.layers.iter().zip(&weights) {
+                rows = host_layer(layer, weights, &rows, length as usize, config.num_heads as usize, scale, &valid, config.layer_norm_eps)?;
+            }
+            return Ok(rows.reshape(&[batch, length, config.hidden_size])?);
+        }
         for layer in &self.layers {
-            let heads = |y: Array| -> Result<Array> {
+            let heads = |y: &Array| -> Result<Array> {
                 Ok(y.reshape(&[batch, length, config.num_heads, head_dim])?.transpose_axes(&[0, 2, 1, 3])?)
             };
-            let q = heads(layer.query.forward(&x)?)?;
-            let k = heads(layer.key.forward(&x)?)?;
-            let v = heads(layer.value.forward(&x)?)?;
+            let [q, k, v] = <[Array; 3]>::try_from(layer.qkv.forward(&x)?).map_err(|parts| EngineError::Mlx(format!("{} attention projections", parts.len())))?;
+            let (q, k, v) = (heads(&q)?, heads(&k)?, heads(&v)?);
             let attended = if self.host_kernels {
                 let scores = ops::matmul(&q.multiply(Array::from_f32(scale))?, &k.transpose_axes(&[0, 1, 3, 2])?)?;
                 ops::matmul(&host::masked_softmax(&scores, &valid)?, &v)?
@@ -219,7 +272,8 @@ impl BertModel {
             &self.embeddings_norm.bias,
         ];
         for layer in &self.layers {
-            for linear in [&layer.query, &layer.key, &layer.value, &layer.attention_output, &layer.intermediate, &layer.output] {
+            arrays.extend(layer.qkv.arrays());
+            for linear in [&layer.attention_output, &layer.intermediate, &layer.output] {
                 arrays.extend(linear.arrays());
             }
             arrays.extend([&layer.attention_norm.weight, &layer.attention_norm.bias, &layer.output_norm.weight, &layer.output_norm.bias]);

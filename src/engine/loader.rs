@@ -855,9 +855,11 @@ fn load_bert(folder: &Path, config: &Value, device: DevicePolicy) -> Result<Load
     for index in 0..bert.num_layers {
         let prefix = format!("encoder.layer.{index}");
         layers.push(BertLayer {
-            query: tensors.linear(&format!("{prefix}.attention.self.query"), policy)?,
-            key: tensors.linear(&format!("{prefix}.attention.self.key"), policy)?,
-            value: tensors.linear(&format!("{prefix}.attention.self.value"), policy)?,
+            qkv: Projections::new(vec![
+                tensors.linear(&format!("{prefix}.attention.self.query"), policy)?,
+                tensors.linear(&format!("{prefix}.attention.self.key"), policy)?,
+                tensors.linear(&format!("{prefix}.attention.self.value"), policy)?,
+            ])?,
             attention_output: tensors.linear(&format!("{prefix}.attention.output.dense"), policy)?,
             attention_norm: norm(&mut tensors, &format!("{prefix}.attention.output.LayerNorm"))?,
             intermediate: tensors.linear(&format!("{prefix}.intermediate.dense"), policy)?,
