@@ -82,6 +82,9 @@ fn main() {
         let out = timed("now: output matmul", &mut now, || ops::matmul(&activated, wout.t()).unwrap());
         timed("now: host add+bias+layer_norm x2", &mut now, || host::add_layer_norm(&joined, &out, &bout, &norm_w, &norm_b, 1e-12).unwrap());
     }
+    let tokens = (batch * length) as f64;
+    let layer_flops = 2.0 * tokens * (4.0 * (hidden * hidden) as f64 + 2.0 * (hidden * inner) as f64) + 4.0 * (batch * heads) as f64 * (length * length * head_dim) as f64;
+    println!("batch {batch} x {length} tokens, {repeats} layers, {:.1} GFLOP per layer", layer_flops / 1e9);
     for (name, table) in [("before (MLX ops, host softmax and GELU)", &totals), ("now (bert.rs host_layer)", &now)] {
         println!("{name}:");
         for (label, ms) in table.iter() {

@@ -1,6 +1,6 @@
 //! RAG benchmark: chunks embedded per second with all-MiniLM-L6-v2 on the engine; then per
-//! table size (1k real chunks, and synthetic large tables that reuse the real embeddings with
-//! small noise): write throughput, the time ingestion spends on indices (full-text, and IVF-PQ
+//! table size (1k real chunks, and synthetic large tables: Zipf-distributed text, vectors
+//! mixed from two real embeddings plus noise): write throughput, the time ingestion spends on indices (full-text, and IVF-PQ
 //! from `VECTOR_INDEX_MIN_ROWS` on), vector search p50/p99 with recall@10 against exact
 //! search, hybrid (vector + full-text) search p50/p99, and embed-the-question + hybrid
 //! search. Prints JSON lines.
@@ -25,13 +25,52 @@ fn percentile(samples: &mut [Duration], p: f64) -> f64 {
     samples[index].as_secs_f64() * 1000.0
 }
 
-const WORDS: &[&str] = &[
-    "river", "engine", "garden", "protocol", "harbor", "memory", "orbit", "ledger", "violin", "glacier", "pixel", "thunder",
-    "compiler", "meadow", "lantern", "quartz", "saddle", "nebula", "kernel", "orchard", "tundra", "beacon", "cipher", "willow",
-];
+/// Synthetic text with the word statistics of real text: a vocabulary of 30,000 made-up words
+/// drawn by Zipf's law (the k-th most common word with weight 1/k), so, as in real documents,
+/// a few words are in almost every chunk and most are rare. (Runs before 2026-11-29 drew 24
+/// words uniformly: every chunk held every query word, the worst case for full-text search.)
+struct Vocabulary {
+    words: Vec<String>,
+    cumulative: Vec<f64>,
+}
 
-fn sentence(rng: &mut rand::rngs::StdRng, words: usize) -> String {
-    (0..words).map(|_| WORDS[rng.random_range(0..WORDS.len())]).collect::<Vec<_>>().join(" ") + "."
+impl Vocabulary {
+    fn new(size: usize, rng: &mut rand::rngs::StdRng) -> Vocabulary {
+        const ONSETS: &[&str] = &["b", "br", "c", "ch", "d", "dr", "f", "g", "gl", "h", "k", "l", "m", "n", "p", "pl", "r", "s", "st", "t", "tr", "v", "w", "z"];
+        const VOWELS: &[&str] = &["a", "e", "i", "o", "u", "ai", "ea", "ou"];
+        const CODAS: &[&str] = &["", "n", "r", "s", "l", "m", "nd", "st", "th", "x"];
+        let mut seen = std::collections::HashSet::new();
+        let mut words = Vec::with_capacity(size);
+        while words.len() < size {
+            let syllables = 1 + (words.len() * 4 / size) + rng.random_range(0..2);
+            let word: String = (0..syllables)
+                .map(|_| format!("{}{}{}", ONSETS[rng.random_range(0..ONSETS.len())], VOWELS[rng.random_range(0..VOWELS.len())], CODAS[rng.random_range(0..CODAS.len())]))
+                .collect();
+            if seen.insert(word.clone()) {
+                words.push(word);
+            }
+        }
+        let mut total = 0.0;
+        let cumulative = (1..=size).map(|rank| {
+            total += 1.0 / rank as f64;
+            total
+        }).collect();
+        Vocabulary { words, cumulative }
+    }
+
+    fn word(&self, rng: &mut rand::rngs::StdRng) -> &str {
+        let target = rng.random_range(0.0..*self.cumulative.last().unwrap());
+        &self.words[self.cumulative.partition_point(|c| *c < target).min(self.words.len() - 1)]
+    }
+
+    fn sentence(&self, rng: &mut rand::rngs::StdRng, words: usize) -> String {
+        (0..words).map(|_| self.word(rng)).collect::<Vec<_>>().join(" ") + "."
+    }
+
+    /// A chunk of about 160 tokens (all-MiniLM's word pieces), like add-docs' chunks.
+    fn chunk(&self, rng: &mut rand::rngs::StdRng) -> String {
+        (0..6).map(|_| self.sentence(rng, 10)).collect::<Vec<_>>().join(" ")
+    }
 }
 
 fn main() {
@@ -51,8 +90,8 @@ fn main() {
     let info = runtime.block_on(engine.load(1, &model)).expect("load");
     let Frontend::Embedding(frontend) = info.frontend else { panic!("not an embedding model") };
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    // Chunks of about 200 tokens, like add-docs' default 256-token chunks.
-    let texts: Vec<String> = (0..chunks).map(|_| (0..12).map(|_| sentence(&mut rng, 12)).collect::<Vec<_>>().join(" ")).collect();
+    let vocabulary = Vocabulary::new(30_000, &mut rng);
+    let texts: Vec<String> = (0..chunks).map(|_| vocabulary.chunk(&mut rng)).collect();
     let tokenized: Vec<Vec<u32>> = texts.iter().map(|t| frontend.tokenizer.encode(t.as_str(), true).unwrap().get_ids().to_vec()).collect();
     let tokens: usize = tokenized.iter().map(Vec::len).sum();
     let started = Instant::now();
@@ -63,7 +102,7 @@ fn main() {
     let seconds = started.elapsed().as_secs_f64();
     println!("{}", serde_json::json!({"bench": "embed", "chunks": chunks, "tokens_per_chunk": tokens / chunks, "chunks_per_s": chunks as f64 / seconds, "tokens_per_s": tokens as f64 / seconds}));
 
-    let query_texts: Vec<String> = (0..queries).map(|_| sentence(&mut rng, 10)).collect();
+    let query_texts: Vec<String> = (0..queries).map(|_| vocabulary.sentence(&mut rng, 8)).collect();
     let query_vectors: Vec<Vec<f32>> = runtime
         .block_on(engine.embed(1, query_texts.iter().map(|t| frontend.tokenizer.encode(t.as_str(), true).unwrap().get_ids().to_vec()).collect()))
         .expect("embed queries");
@@ -77,12 +116,22 @@ fn main() {
         let mut written = 0;
         let started = Instant::now();
         while written < size {
+            // Past the embedded sample, each row is new text with a vector made from two real
+            // embeddings and noise: distinct vectors spread like the real ones (a copy of one
+            // real vector plus small noise, as before 2026-11-29, gave clusters of
+            // near-duplicates that compressed distances cannot tell apart).
             let rows: Vec<ChunkRow> = (written..(written + 5000).min(size))
                 .map(|i| {
-                    let base = &vectors[i % vectors.len()];
-                    let noisy: Vec<f32> = base.iter().map(|v| v + if i < vectors.len() { 0.0 } else { rng.random_range(-0.02..0.02) }).collect();
-                    let norm = noisy.iter().map(|v| v * v).sum::<f32>().sqrt();
-                    ChunkRow { source: format!("doc{}", i / 10), chunk_index: (i % 10) as i32, content_hash: "h".into(), text: texts[i % texts.len()].clone(), vector: noisy.iter().map(|v| v / norm).collect() }
+                    let (text, vector) = if i < vectors.len() {
+                        (texts[i].clone(), vectors[i].clone())
+                    } else {
+                        let (a, b) = (&vectors[rng.random_range(0..vectors.len())], &vectors[rng.random_range(0..vectors.len())]);
+                        let weight = rng.random_range(0.2..0.8);
+                        let mixed: Vec<f32> = a.iter().zip(b).map(|(x, y)| weight * x + (1.0 - weight) * y + rng.random_range(-0.01..0.01)).collect();
+                        let norm = mixed.iter().map(|v| v * v).sum::<f32>().sqrt();
+                        (vocabulary.chunk(&mut rng), mixed.iter().map(|v| v / norm).collect())
+                    };
+                    ChunkRow { source: format!("doc{}", i / 10), chunk_index: (i % 10) as i32, content_hash: "h".into(), text, vector }
                 })
                 .collect();
             written += rows.len();
