@@ -851,15 +851,19 @@ fn load_bert(folder: &Path, config: &Value, device: DevicePolicy) -> Result<Load
     let position_embeddings = tensors.vector("embeddings.position_embeddings.weight", policy)?;
     let token_type_embeddings = tensors.vector("embeddings.token_type_embeddings.weight", policy)?;
     let embeddings_norm = norm(&mut tensors, "embeddings.LayerNorm")?;
+    // MLXSERVER_HOST_KERNELS=0 keeps MLX's own ops on the CPU too (benchmarks compare both).
+    let host_kernels = super::device::detect() == super::device::Backend::Cpu && std::env::var("MLXSERVER_HOST_KERNELS").map_or(true, |v| v != "0");
     let mut layers = Vec::with_capacity(bert.num_layers);
     for index in 0..bert.num_layers {
         let prefix = format!("encoder.layer.{index}");
+        let qkv = vec![
+            tensors.linear(&format!("{prefix}.attention.self.query"), policy)?,
+            tensors.linear(&format!("{prefix}.attention.self.key"), policy)?,
+            tensors.linear(&format!("{prefix}.attention.self.value"), policy)?,
+        ];
         layers.push(BertLayer {
-            qkv: Projections::new(vec![
-                tensors.linear(&format!("{prefix}.attention.self.query"), policy)?,
-                tensors.linear(&format!("{prefix}.attention.self.key"), policy)?,
-                tensors.linear(&format!("{prefix}.attention.self.value"), policy)?,
-            ])?,
+            // The host path reads q/k/v from one stacked product; a GPU keeps MLX's three.
+            qkv: if host_kernels { Projections::new(qkv)? } else { Projections::Separate(qkv) },
             attention_output: tensors.linear(&format!("{prefix}.attention.output.dense"), policy)?,
             attention_norm: norm(&mut tensors, &format!("{prefix}.attention.output.LayerNorm"))?,
             intermediate: tensors.linear(&format!("{prefix}.intermediate.dense"), policy)?,
@@ -886,8 +890,6 @@ fn load_bert(folder: &Path, config: &Value, device: DevicePolicy) -> Result<Load
         .map_err(|error| EngineError::Tokenizer(error.to_string()))?;
     let dimensions = bert.hidden_size as usize;
     let cross_encoder = head.is_some();
-    // MLXSERVER_HOST_KERNELS=0 keeps MLX's own ops on the CPU too (benchmarks compare both).
-    let host_kernels = super::device::detect() == super::device::Backend::Cpu && std::env::var("MLXSERVER_HOST_KERNELS").map_or(true, |v| v != "0");
     let model = BertModel { config: bert, word_embeddings, position_embeddings, token_type_embeddings, embeddings_norm, layers, pooling, normalize, head, host_kernels };
     let frontend = EmbedFrontend { tokenizer: Arc::new(tokenizer), dimensions, max_tokens, cross_encoder };
     Ok(LoadedModel::Embedding { model, frontend: Arc::new(frontend) })
