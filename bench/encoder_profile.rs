@@ -74,7 +74,7 @@ fn main() {
         // the rest in host kernels.
         let rows = x.reshape(&[batch * length, hidden]).unwrap();
         let qkv = timed("now: stacked qkv matmul", &mut now, || ops::matmul(&rows, wqkv.t()).unwrap());
-        let attended = timed("now: host attention", &mut now, || host::attention(&qkv, &bqkv, length as usize, heads as usize, 0.17, &valid).unwrap());
+        let attended = timed("now: host attention", &mut now, || host::attention(&qkv, &bqkv, &valid, heads as usize, 0.17).unwrap());
         let projected = timed("now: out matmul", &mut now, || ops::matmul(&attended, wo.t()).unwrap());
         let joined = timed("now: host add+bias+layer_norm x2", &mut now, || host::add_layer_norm(&rows, &projected, &bo, &norm_w, &norm_b, 1e-12).unwrap());
         let inner = timed("now: intermediate matmul", &mut now, || ops::matmul(&joined, wi.t()).unwrap());

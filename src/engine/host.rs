@@ -351,15 +351,17 @@ mod simd {
         }
     }
 
-    /// `out[i] = Σ_j p[i][j] v[j]` for `i < keys`: two rows at a time, 32 values of `d` at
-    /// once (four registers), then 8 at a time.
+    /// `out[i * stride..][..d] = Σ_j p[i][j] v[j]` for `i < keys` (the head's columns of merged
+    /// output rows): two rows at a time, 32 values of `d` at once (four registers), then 8 at
+    /// a time.
     ///
     /// # Safety
-    /// AVX2 and FMA; `p` holds `keys * padded`, `v` and `out` `keys * d` values; `d` is a
-    /// multiple of 8.
+    /// AVX2 and FMA; `p` holds `keys * padded`, `v` `keys * d` values, `out` at least
+    /// `(keys - 1) * stride + d`; `d` is a multiple of 8.
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn weighted_values(p: &[f32], v: &[f32], out: &mut [f32], keys: usize, padded: usize, d: usize) {
-        debug_assert!(p.len() >= keys * padded && v.len() >= keys * d && out.len() >= keys * d && d % 8 == 0);
+    pub unsafe fn weighted_values(p: &[f32], v: &[f32], out: &mut [f32], stride: usize, keys: usize, padded: usize, d: usize) {
+        debug_assert!(p.len() >= keys * padded && v.len() >= keys * d && out.len() + stride >= keys * stride + d && d % 8 == 0);
         let (p, v, o) = (p.as_ptr(), v.as_ptr(), out.as_mut_ptr());
         // SAFETY (all accesses): rows below `keys`, value columns below `d`. A lone last row
         // reads its own weights twice and stores once.
@@ -388,7 +390,7 @@ mod simd {
                     j += 1;
                 }
                 unsafe {
-                    let (oa, ob) = (o.add(i * d + column), o.add(second * d + column));
+                    let (oa, ob) = (o.add(i * stride + column), o.add(second * stride + column));
                     _mm256_storeu_ps(ob, b0);
                     _mm256_storeu_ps(ob.add(8), b1);
                     _mm256_storeu_ps(ob.add(16), b2);
@@ -414,8 +416,8 @@ mod simd {
                     j += 1;
                 }
                 unsafe {
-                    _mm256_storeu_ps(o.add(second * d + column), b);
-                    _mm256_storeu_ps(o.add(i * d + column), a);
+                    _mm256_storeu_ps(o.add(second * stride + column), b);
+                    _mm256_storeu_ps(o.add(i * stride + column), a);
                 }
                 column += 8;
             }
@@ -754,64 +756,101 @@ pub fn add_layer_norm(x: &Array, y: &Array, y_bias: &Array, weight: &Array, bias
     array_from_values(out, x.shape())
 }
 
-/// Self-attention of an encoder batch from its stacked projection: `qkv` is `[batch * length,
-/// 3 * hidden]` (q, k, v side by side, heads of `hidden / heads` values each, without
-/// `qkv_bias`); input `b` has `valid[b]` real tokens at the start. Returns `[batch * length,
-/// hidden]`, heads merged; rows of padding tokens are zero.
-pub fn attention(qkv: &Array, qkv_bias: &Array, length: usize, heads: usize, scale: f32, valid: &[usize]) -> Result<Array> {
+/// Self-attention of an encoder batch from its stacked projection, without padding: `qkv` is
+/// `[tokens, 3 * hidden]` (q, k, v side by side, heads of `hidden / heads` values each, without
+/// `qkv_bias`), the rows of input `b` following those of the inputs before it, `lengths[b]`
+/// of them. Returns `[tokens, hidden]`, heads merged, in the same row order.
+pub fn attention(qkv: &Array, qkv_bias: &Array, lengths: &[usize], heads: usize, scale: f32) -> Result<Array> {
     let (values, bias) = (evaluated(qkv)?, evaluated(qkv_bias)?);
     let width = bias.len();
     let hidden = width / 3;
     let head_dim = hidden / heads.max(1);
-    if width == 0 || width % 3 != 0 || heads == 0 || hidden % heads != 0 || length == 0 || values.len() % (width * length) != 0 {
-        return Err(EngineError::Mlx(format!("attention over {} values of width {width}, {heads} heads, {length} tokens", values.len())));
+    let tokens: usize = lengths.iter().sum();
+    if width == 0 || width % 3 != 0 || heads == 0 || hidden % heads != 0 || lengths.contains(&0) || values.len() != tokens * width {
+        return Err(EngineError::Mlx(format!("attention over {} values of width {width}, {heads} heads, inputs of {lengths:?} tokens", values.len())));
     }
-    let batch = values.len() / (width * length);
-    let mut out = output_buffer(batch * length * hidden);
-    let shape = [(batch * length) as i32, hidden as i32];
-    par_rows_into(values, length * width, &mut out[..batch * length * hidden], length * hidden, &|first_input, inputs, outputs| {
+    let mut out = output_buffer(tokens * hidden);
+    // Inputs in contiguous groups of about equal work (keys² per input), one group per core.
+    let threads = threads().min(lengths.len()).max(1);
+    let total_work: usize = lengths.iter().map(|n| n * n).sum();
+    let mut groups: Vec<std::ops::Range<usize>> = Vec::with_capacity(threads);
+    let (mut first, mut work) = (0, 0);
+    for (b, n) in lengths.iter().enumerate() {
+        work += n * n;
+        if work * threads >= total_work * (groups.len() + 1) || b + 1 == lengths.len() {
+            groups.push(first..b + 1);
+            first = b + 1;
+        }
+    }
+    let run = |inputs: std::ops::Range<usize>, rows_in: &[f32], rows_out: &mut [f32]| {
         let mut scratch = AttentionScratch::default();
-        let mut b = 0;
-        while (b + 1) * length * hidden <= outputs.len() {
-            let keys = valid.get(first_input + b).copied().unwrap_or(length).clamp(1, length);
-            let input = &inputs[b * length * width..(b + 1) * length * width];
-            let output = &mut outputs[b * length * hidden..(b + 1) * length * hidden];
-            output[keys * hidden..].fill(0.0);
+        let mut row = 0;
+        for b in inputs {
+            let keys = lengths[b];
+            let input = &rows_in[row * width..(row + keys) * width];
+            let output = &mut rows_out[row * hidden..(row + keys) * hidden];
             let mut h = 0;
             while h < heads {
-                scratch.head(input, bias, width, hidden, h * head_dim, head_dim, keys, scale);
-                // Rows of the head's output, into the merged layout.
-                let mut i = 0;
-                while i < keys {
-                    output[i * hidden + h * head_dim..i * hidden + (h + 1) * head_dim].copy_from_slice(&scratch.out[i * head_dim..(i + 1) * head_dim]);
-                    i += 1;
-                }
+                scratch.head(input, bias, output, width, hidden, h * head_dim, head_dim, keys, scale);
                 h += 1;
             }
-            b += 1;
+            row += keys;
         }
-    });
-    array_from_values(out, &shape)
+    };
+    if groups.len() == 1 || tokens * hidden < PARALLEL_MIN / 4 {
+        run(0..lengths.len(), values, &mut out[..tokens * hidden]);
+    } else {
+        std::thread::scope(|scope| {
+            let (mut rows_in, mut rows_out) = (values, &mut out[..tokens * hidden]);
+            for group in groups {
+                let rows: usize = lengths[group.clone()].iter().sum();
+                let (mine_in, rest_in) = rows_in.split_at(rows * width);
+                let (mine_out, rest_out) = std::mem::take(&mut rows_out).split_at_mut(rows * hidden);
+                (rows_in, rows_out) = (rest_in, rest_out);
+                let run = &run;
+                scope.spawn(move || run(group, mine_in, mine_out));
+            }
+        });
+    }
+    array_from_values(out, &[tokens as i32, hidden as i32])
+}
+
+/// `[batch, length, width]` from rows packed without padding (input `b`'s `lengths[b]` rows
+/// after those of the inputs before it); the padding rows are zero.
+pub fn unpack_rows(rows: &Array, lengths: &[usize], length: usize) -> Result<Array> {
+    let values = evaluated(rows)?;
+    let tokens: usize = lengths.iter().sum();
+    let width = if tokens == 0 { 0 } else { values.len() / tokens };
+    if tokens == 0 || values.len() != tokens * width || lengths.iter().any(|&n| n > length) {
+        return Err(EngineError::Mlx(format!("unpacking {} values into inputs of {lengths:?} tokens", values.len())));
+    }
+    let mut out = vec![0.0f32; lengths.len() * length * width];
+    let mut row = 0;
+    for (b, &n) in lengths.iter().enumerate() {
+        out[b * length * width..(b * length + n) * width].copy_from_slice(&values[row * width..(row + n) * width]);
+        row += n;
+    }
+    array_from_values(out, &[lengths.len() as i32, length as i32, width as i32])
 }
 
 /// One head's tiles: queries (scaled, biased) `[keys, d]`, keys transposed `[d, padded]`,
-/// values `[keys, d]`, scores `[keys, padded]`, output `[keys, d]`. Padding queries are not
-/// computed (their rows are zero and nothing real attends to them).
+/// values `[keys, d]`, scores `[keys, padded]` (`padded`: `keys` rounded up to whole vectors).
 #[derive(Default)]
 struct AttentionScratch {
     q: Vec<f32>,
     kt: Vec<f32>,
     v: Vec<f32>,
     scores: Vec<f32>,
-    out: Vec<f32>,
 }
 
 impl AttentionScratch {
+    /// Writes the head's columns (`column..column + d`) of the input's merged output rows
+    /// (`output`: `keys` rows of `hidden`).
     #[allow(clippy::too_many_arguments)]
-    fn head(&mut self, input: &[f32], bias: &[f32], width: usize, hidden: usize, column: usize, d: usize, keys: usize, scale: f32) {
+    fn head(&mut self, input: &[f32], bias: &[f32], output: &mut [f32], width: usize, hidden: usize, column: usize, d: usize, keys: usize, scale: f32) {
         let padded = keys.div_ceil(8) * 8;
         // Grown only when a longer input comes (a resize writes element by element here).
-        for (buffer, len) in [(&mut self.q, keys * d), (&mut self.v, keys * d), (&mut self.out, keys * d), (&mut self.kt, d * padded), (&mut self.scores, keys * padded)] {
+        for (buffer, len) in [(&mut self.q, keys * d), (&mut self.v, keys * d), (&mut self.kt, d * padded), (&mut self.scores, keys * padded)] {
             if buffer.len() < len {
                 buffer.resize(len, 0.0);
             }
@@ -837,7 +876,7 @@ impl AttentionScratch {
                     simd::softmax_row(&mut self.scores[i * padded..(i + 1) * padded], keys);
                     i += 1;
                 }
-                simd::weighted_values(&self.scores, &self.v, &mut self.out, keys, padded, d);
+                simd::weighted_values(&self.scores, &self.v, &mut output[column..], hidden, keys, padded, d);
             }
             return;
         }
@@ -867,16 +906,16 @@ impl AttentionScratch {
                 j += 1;
             }
             softmax_row(&mut self.scores[i * padded..(i + 1) * padded], keys);
-            self.out[i * d..(i + 1) * d].fill(0.0);
-            j = 0;
-            while j < keys {
-                let p = self.scores[i * padded + j];
-                let mut c = 0;
-                while c < d {
-                    self.out[i * d + c] += p * self.v[j * d + c];
-                    c += 1;
+            let mut c = 0;
+            while c < d {
+                let mut sum = 0.0;
+                j = 0;
+                while j < keys {
+                    sum += self.scores[i * padded + j] * self.v[j * d + c];
+                    j += 1;
                 }
-                j += 1;
+                output[i * hidden + column + c] = sum;
+                c += 1;
             }
             i += 1;
         }
@@ -970,25 +1009,26 @@ mod tests {
     }
 
     /// The attention of `host::attention`, in f64 and the plainest loops.
-    fn attention_reference(qkv: &[f32], bias: &[f32], length: usize, heads: usize, scale: f64, valid: &[usize]) -> Vec<f64> {
+    fn attention_reference(qkv: &[f32], bias: &[f32], lengths: &[usize], heads: usize, scale: f64) -> Vec<f64> {
         let width = bias.len();
         let hidden = width / 3;
         let d = hidden / heads;
-        let batch = qkv.len() / (length * width);
-        let at = |b: usize, t: usize, column: usize| (qkv[(b * length + t) * width + column] + bias[column]) as f64;
-        let mut out = vec![0.0; batch * length * hidden];
-        for b in 0..batch {
-            let keys = valid[b];
+        let at = |t: usize, column: usize| (qkv[t * width + column] + bias[column]) as f64;
+        let tokens: usize = lengths.iter().sum();
+        let mut out = vec![0.0; tokens * hidden];
+        let mut first = 0;
+        for &keys in lengths {
             for h in 0..heads {
-                for i in 0..keys {
-                    let scores: Vec<f64> = (0..keys).map(|j| (0..d).map(|c| at(b, i, h * d + c) * scale * at(b, j, hidden + h * d + c)).sum()).collect();
+                for i in first..first + keys {
+                    let scores: Vec<f64> = (first..first + keys).map(|j| (0..d).map(|c| at(i, h * d + c) * scale * at(j, hidden + h * d + c)).sum()).collect();
                     let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                     let total: f64 = scores.iter().map(|s| (s - max).exp()).sum();
                     for c in 0..d {
-                        out[(b * length + i) * hidden + h * d + c] = (0..keys).map(|j| (scores[j] - max).exp() / total * at(b, j, 2 * hidden + h * d + c)).sum();
+                        out[i * hidden + h * d + c] = (0..keys).map(|j| (scores[j] - max).exp() / total * at(first + j, 2 * hidden + h * d + c)).sum();
                     }
                 }
             }
+            first += keys;
         }
         out
     }
@@ -996,21 +1036,41 @@ mod tests {
     #[test]
     fn attention_matches_a_plain_computation() {
         // Head sizes on the vector path (32, 40: a 32 block and an 8 block) and off it (12);
-        // a padded input with an odd number of real tokens (single-row tails); more inputs
-        // than cores.
-        for (heads, d, length, valid) in [(2usize, 32usize, 11usize, vec![11usize, 5, 1]), (3, 40, 9, vec![7, 9, 2, 9]), (2, 12, 6, vec![6, 3])] {
+        // inputs of different lengths, odd ones (single-row tails), one of a single token, more
+        // inputs than cores.
+        for (heads, d, lengths) in [(2usize, 32usize, vec![11usize, 5, 1]), (3, 40, vec![7, 9, 2, 9]), (2, 12, vec![6, 3])] {
             let width = 3 * heads * d;
-            let batch = valid.len();
-            let qkv = pseudo_random(batch * length * width, (heads * d) as u32);
+            let tokens: usize = lengths.iter().sum();
+            let qkv = pseudo_random(tokens * width, (heads * d) as u32);
             let bias = pseudo_random(width, 7);
             let scale = 1.0 / (d as f32).sqrt();
-            let got = attention(&Array::from_slice(&qkv, &[(batch * length) as i32, width as i32]), &Array::from_slice(&bias, &[width as i32]), length, heads, scale, &valid).unwrap();
-            assert_eq!(got.shape(), &[(batch * length) as i32, (heads * d) as i32]);
-            let want = attention_reference(&qkv, &bias, length, heads, scale as f64, &valid);
+            let got = attention(&Array::from_slice(&qkv, &[tokens as i32, width as i32]), &Array::from_slice(&bias, &[width as i32]), &lengths, heads, scale).unwrap();
+            assert_eq!(got.shape(), &[tokens as i32, (heads * d) as i32]);
+            let want = attention_reference(&qkv, &bias, &lengths, heads, scale as f64);
             for (index, (g, w)) in got.as_slice::<f32>().iter().zip(&want).enumerate() {
                 assert!((*g as f64 - w).abs() < 2e-5, "heads {heads} x {d}: value {index}: {g} vs {w}");
             }
         }
+        // Enough work for both cores: the split between them changes nothing.
+        let lengths = vec![40usize, 3, 33, 40, 17, 40, 1, 29];
+        let (heads, d) = (4, 32);
+        let width = 3 * heads * d;
+        let tokens: usize = lengths.iter().sum();
+        let qkv = pseudo_random(tokens * width, 3);
+        let bias = pseudo_random(width, 4);
+        let got = attention(&Array::from_slice(&qkv, &[tokens as i32, width as i32]), &Array::from_slice(&bias, &[width as i32]), &lengths, heads, 0.2).unwrap();
+        let want = attention_reference(&qkv, &bias, &lengths, heads, 0.2);
+        for (index, (g, w)) in got.as_slice::<f32>().iter().zip(&want).enumerate() {
+            assert!((*g as f64 - w).abs() < 2e-5, "split: value {index}: {g} vs {w}");
+        }
+    }
+
+    #[test]
+    fn packed_rows_unpack_with_zero_padding() {
+        let rows = Array::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0], &[3, 2]);
+        let unpacked = unpack_rows(&rows, &[2, 1], 3).unwrap();
+        assert_eq!(unpacked.shape(), &[2, 3, 2]);
+        assert_eq!(unpacked.as_slice::<f32>(), &[1.0, 2.0, 3.0, 4.0, 0.0, 0.0, 5.0, 6.0, 0.0, 0.0, 0.0, 0.0]);
     }
 
     #[test]
