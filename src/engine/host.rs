@@ -172,6 +172,14 @@ mod simd {
         _mm256_mul_ps(p, scale)
     }
 
+    /// The exact (erf) GELU of eight values.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn gelu8(v: __m256) -> __m256 {
+        let e = erf(_mm256_mul_ps(v, _mm256_set1_ps(std::f32::consts::FRAC_1_SQRT_2)));
+        _mm256_mul_ps(_mm256_mul_ps(v, _mm256_set1_ps(0.5)), _mm256_add_ps(e, _mm256_set1_ps(1.0)))
+    }
+
     /// # Safety
     /// The CPU must have AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
@@ -181,9 +189,7 @@ mod simd {
         // SAFETY (all accesses): i + 8 <= n for vectors, i < n for the tail.
         while i + 8 <= n {
             let v = unsafe { _mm256_loadu_ps(base.wrapping_add(i)) };
-            let e = erf(_mm256_mul_ps(v, _mm256_set1_ps(std::f32::consts::FRAC_1_SQRT_2)));
-            let g = _mm256_mul_ps(_mm256_mul_ps(v, _mm256_set1_ps(0.5)), _mm256_add_ps(e, _mm256_set1_ps(1.0)));
-            unsafe { _mm256_storeu_ps(base.wrapping_add(i), g) };
+            unsafe { _mm256_storeu_ps(base.wrapping_add(i), gelu8(v)) };
             i += 8;
         }
         while i < n {
@@ -438,8 +444,7 @@ mod simd {
         // SAFETY (all accesses): i + 8 <= n for vectors, i < n for the tail.
         while i + 8 <= n {
             let v = unsafe { _mm256_add_ps(_mm256_loadu_ps(x.add(i)), _mm256_loadu_ps(b.add(i))) };
-            let e = erf(_mm256_mul_ps(v, _mm256_set1_ps(std::f32::consts::FRAC_1_SQRT_2)));
-            unsafe { _mm256_storeu_ps(o.add(i), _mm256_mul_ps(_mm256_mul_ps(v, _mm256_set1_ps(0.5)), _mm256_add_ps(e, _mm256_set1_ps(1.0)))) };
+            unsafe { _mm256_storeu_ps(o.add(i), gelu8(v)) };
             i += 8;
         }
         while i < n {

@@ -201,14 +201,18 @@ fn lock_schema(created: u64) -> Arc<Schema> {
     Arc::new(Schema::new(vec![Field::new("holder", DataType::Utf8, true)]).with_metadata([(LOCK_CREATED_KEY.to_string(), created.to_string())].into_iter().collect()))
 }
 
+/// A lock table's heartbeat row: the current time.
+fn heartbeat_row(created: u64) -> std::result::Result<RecordBatch, lancedb::arrow::arrow_schema::ArrowError> {
+    RecordBatch::try_new(lock_schema(created), vec![Arc::new(StringArray::from(vec![unix_now().to_string()]))])
+}
+
 /// Adds a row holding the current time to the lock table every [`LOCK_HEARTBEAT`], so that
 /// a writer busy for longer than [`REMOTE_LOCK_STALE`] keeps its lock.
 fn start_heartbeat(lock: Table, created: u64) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(LOCK_HEARTBEAT).await;
-            let beat = RecordBatch::try_new(lock_schema(created), vec![Arc::new(StringArray::from(vec![unix_now().to_string()]))]);
-            match beat {
+            match heartbeat_row(created) {
                 Ok(beat) => {
                     if let Err(error) = lock.add(beat).execute().await {
                         tracing::warn!(%error, lock = lock.name(), "could not write the collection lock's heartbeat");
@@ -793,7 +797,7 @@ mod tests {
         taken.release().await;
         // A lock created long ago whose holder beats: waited for, not removed.
         let old = rag.connection.create_empty_table("docs.writer", lock_schema(long_ago)).execute().await.unwrap();
-        old.add(RecordBatch::try_new(lock_schema(long_ago), vec![Arc::new(StringArray::from(vec![unix_now().to_string()]))]).unwrap()).execute().await.unwrap();
+        old.add(heartbeat_row(long_ago).unwrap()).execute().await.unwrap();
         assert!(tokio::time::timeout(std::time::Duration::from_millis(600), rag.lock_writer("docs")).await.is_err(), "a live lock was taken");
         rag.connection.drop_table("docs.writer", &[]).await.unwrap();
         tokio::time::timeout(std::time::Duration::from_secs(5), rag.lock_writer("docs")).await.expect("a released lock was not taken").unwrap().release().await;
